@@ -1,0 +1,5 @@
+"""Local data: the data-dir setting and readers for the released file formats."""
+
+from diffrag.data.readers import data_dir, read_squad, require_file
+
+__all__ = ["data_dir", "read_squad", "require_file"]

@@ -1,0 +1,50 @@
+"""Readers for the public releases' own file formats (no downloads: local paths only).
+
+The data directory is `--data-dir`, else `$DIFFRAG_DATA_DIR`, else `../shared/data`
+(relative to the working directory). Readers accept the full public releases as well as
+the small copies shipped beside the project.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "../shared/data"
+
+
+def data_dir(override: str | os.PathLike | None = None) -> Path:
+  """The data directory: explicit override, else $DIFFRAG_DATA_DIR, else ../shared/data."""
+  path = Path(override or os.environ.get("DIFFRAG_DATA_DIR") or DEFAULT_DATA_DIR)
+  if not path.is_dir():
+    raise FileNotFoundError(f"data directory {path} does not exist; pass --data-dir or set DIFFRAG_DATA_DIR "
+                            "to a folder holding the data sets (see ../shared/data/README.md for the layout)")
+  return path
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+  """Returns `path` if it exists, else raises an error naming the file and the data set."""
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{what}: expected the file {path}, which does not exist; place the public release "
+                            "there or point --data-dir at the folder that holds it")
+  return path
+
+
+def read_squad(path: str | os.PathLike) -> list[dict]:
+  """Official SQuAD v1.1/v2.0 JSON -> one record per question.
+
+  Record: {id, title, context, question, answers: [str], is_impossible}.
+  """
+  raw = json.loads(require_file(path, "SQuAD").read_text())
+  records = []
+  for article in raw["data"]:
+    for para in article["paragraphs"]:
+      for qa in para["qas"]:
+        records.append({
+            "id": qa["id"], "title": article.get("title", ""), "context": para["context"],
+            "question": qa["question"], "answers": [a["text"] for a in qa.get("answers", [])],
+            "is_impossible": bool(qa.get("is_impossible", False)),
+        })
+  return records

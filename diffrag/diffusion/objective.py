@@ -1,0 +1,71 @@
+"""Forward masking process and the masked-NLL (ELBO) objective.
+
+Notation (LLaDA / md4): x_0 clean tokens [B, L]; t ~ U[0, 1) per row; p_mask = schedule(t);
+x_t replaces each *maskable* token of x_0 by MASK independently with probability p_mask.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from diffrag.diffusion.schedule import MaskingSchedule
+
+
+def sample_times(key: jax.Array, batch: int, antithetic: bool = False) -> jax.Array:
+  """t: [B] in [0, 1).  Antithetic (md4 / Dream eval): t_j = (u + j / B) mod 1, one shared u."""
+  if antithetic:
+    u = jax.random.uniform(key, ())
+    return jnp.mod(u + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
+  return jax.random.uniform(key, (batch,))
+
+
+def forward_process(key: jax.Array, x0: jax.Array, p_mask: jax.Array, maskable: jax.Array,
+                    mask_id: int) -> tuple[jax.Array, jax.Array]:
+  """q(x_t | x_0): is_masked_bi = maskable_bi & (u_bi < p_mask_b),  u ~ U[0, 1) i.i.d.
+
+  x0, maskable: [B, L]; p_mask: [B]. Returns (x_t [B, L], is_masked [B, L] bool).
+  Unmaskable positions (prompts, padding the loss ignores) are never corrupted.
+  """
+  u = jax.random.uniform(key, x0.shape)
+  is_masked = maskable.astype(bool) & (u < p_mask[:, None])
+  return jnp.where(is_masked, mask_id, x0), is_masked
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """-log p(x_0^i | x_t) per position, float32: logits [B, L, V], targets [B, L] -> [B, L]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def masked_nll(logits: jax.Array, targets: jax.Array, is_masked: jax.Array, weight: jax.Array,
+               maskable: jax.Array) -> jax.Array:
+  """Masked-diffusion ELBO loss (LLaDA pretraining and SFT in one formula).
+
+  loss = (1/B) sum_b [ sum_i [x_t^bi = MASK] * w_b * (-log p(x_0^bi | x_t)) ] / n_b,
+  w_b = 1 / p_mask_b (linear schedule), n_b = number of maskable positions in row b.
+  Pretraining (all L positions maskable) gives LLaDA's sum / (B * L); SFT (only the answer
+  maskable, trailing EOS included) gives LLaDA's per-row answer-length normalisation.
+  logits: [B, L, V]; targets, is_masked, maskable: [B, L]; weight: [B].
+  """
+  nll = token_nll(logits, targets) * is_masked
+  n = jnp.maximum(jnp.sum(maskable, axis=-1), 1).astype(jnp.float32)
+  return jnp.mean(jnp.sum(nll, axis=-1) * weight / n)
+
+
+def diffusion_loss(logits_fn, key: jax.Array, x0: jax.Array, maskable: jax.Array, mask_id: int,
+                   schedule: MaskingSchedule, antithetic: bool = False):
+  """One Monte-Carlo draw of the ELBO loss: sample t, corrupt, predict, weight.
+
+  logits_fn: x_t [B, L] -> logits [B, L, V]. Returns (loss, aux) with aux holding the
+  masked-token accuracy and counts for logging.
+  """
+  key_t, key_m = jax.random.split(key)
+  t = sample_times(key_t, x0.shape[0], antithetic)
+  p_mask = schedule.mask_prob(t)
+  xt, is_masked = forward_process(key_m, x0, p_mask, maskable, mask_id)
+  logits = logits_fn(xt)
+  loss = masked_nll(logits, x0, is_masked, schedule.weight(t), maskable)
+  correct = (jnp.argmax(logits, axis=-1) == x0) & is_masked
+  aux = {"masked_tokens": jnp.sum(is_masked), "correct": jnp.sum(correct)}
+  return loss, aux

@@ -1,0 +1,362 @@
+"""The masked diffusion transformer: one `flax.linen` module for every family.
+
+LLaDA (Llama-like), Dream (Qwen2-like) and BERT differ only in fields of `ModelConfig`
+(norm type and placement, position encoding, MLP kind, biases, output head, logit
+shift); `families.py` builds the right config for each published checkpoint.
+
+    model = MaskedDiffusionTransformer(cfg)
+    logits = model.apply({"params": params}, input_ids)                   # [B, L, V]
+    logits, hidden = model.apply({"params": params}, ids, return_hidden=True)
+
+`logits[:, i]` is always the distribution over token i (Dream's one-position shift is
+undone inside the module); `hidden[:, i]` is the last-layer state at input position i
+after the final norm (the Hugging Face `hidden_states[-1]` convention), unshifted.
+
+Parameters and activations carry logical axis names (`batch, length, embed, heads, kv,
+mlp, vocab, kv_heads, layers`); `diffrag.parallel` maps them to mesh axes by a rules table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_CHOICES = {
+    "norm": ("rms", "layer"),
+    "positions": ("rope", "learned"),
+    "mlp": ("swiglu", "gelu"),
+    "head": ("linear", "tied", "mlm"),
+}
+
+
+class ConfigError(ValueError):
+  """A model configuration or checkpoint that cannot be used as it is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a masked diffusion transformer (hashable: safe as a static arg).
+
+  family: a label ("llada", "dream", "bert") that selects the checkpoint name map.
+  norm: "rms" (RMSNorm, pre-norm blocks + final norm) or "layer" (LayerNorm, BERT's
+    post-norm blocks and a normed embedding).
+  positions: "rope" (rotate-half RoPE with `rope_theta`) or "learned" (absolute).
+  mlp: "swiglu" (down(silu(gate x) * up x)) or "gelu" (BERT's two-layer MLP).
+  head: "linear" (untied output layer), "tied" (word embeddings), or "mlm" (BERT's
+    transform + LayerNorm + tied decoder with a bias).
+  shift_logits: the network predicts token i+1 at position i (Dream); the module
+    re-aligns so that logits[:, i] is always about token i.
+  rope_fp32: rotate q/k in float32 (LLaDA) or in the compute dtype (Dream).
+  dtype / param_dtype: compute and storage dtypes; norm statistics, attention softmax
+    and RoPE tables are always float32.
+  """
+
+  family: str
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  mask_token_id: int
+  pad_token_id: int | None = None
+  eos_token_id: int | None = None
+  bos_token_id: int | None = None
+  norm: str = "rms"
+  norm_eps: float = 1e-5
+  positions: str = "rope"
+  rope_theta: float = 10000.0
+  rope_fp32: bool = True
+  max_position_embeddings: int = 4096
+  type_vocab_size: int = 0
+  mlp: str = "swiglu"
+  qkv_bias: bool = False
+  out_bias: bool = False
+  mlp_bias: bool = False
+  head: str = "linear"
+  shift_logits: bool = False
+  causal: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    for field, choices in _CHOICES.items():
+      if getattr(self, field) not in choices:
+        raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r}; expected one of {choices}")
+    for field in ("dtype", "param_dtype"):
+      if getattr(self, field) not in _DTYPES:
+        raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r}; expected one of {tuple(_DTYPES)}")
+    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+      if getattr(self, field) <= 0:
+        raise ConfigError(f"ModelConfig.{field}={getattr(self, field)} must be positive")
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(
+          f"ModelConfig.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.positions == "rope" and self.head_dim % 2:
+      raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+    if not 0 <= self.mask_token_id < self.vocab_size:
+      raise ConfigError(f"ModelConfig.mask_token_id={self.mask_token_id} is outside the vocabulary [0, {self.vocab_size})")
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  def replace(self, **changes) -> "ModelConfig":
+    unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+    if unknown:
+      raise ConfigError(f"unknown ModelConfig field(s) {sorted(unknown)}; valid: {[f.name for f in dataclasses.fields(self)]}")
+    return dataclasses.replace(self, **changes)
+
+
+def _dense(cfg: ModelConfig, features, axes: tuple[str, ...], use_bias: bool, name: str, in_axis=-1):
+  """DenseGeneral whose kernel (and bias) carry logical axis names."""
+  n_in = 1 if isinstance(in_axis, int) else len(in_axis)
+  return nn.DenseGeneral(
+      features=features, axis=in_axis, use_bias=use_bias,
+      dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[n_in:]),
+      name=name)
+
+
+class Norm(nn.Module):
+  """RMSNorm or LayerNorm with float32 statistics.
+
+  rms:   y = cast(x / sqrt(mean(x^2) + eps)) * scale        (LLaDA / Qwen2 order: cast, then scale)
+  layer: y = cast((x - mean(x)) / sqrt(var(x) + eps) * scale + bias)
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    d = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,), cfg.weight_dtype)
+    x32 = x.astype(jnp.float32)
+    if cfg.norm == "rms":
+      y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + cfg.norm_eps)
+      return y.astype(cfg.compute_dtype) * scale.astype(cfg.compute_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d,), cfg.weight_dtype)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(cfg.compute_dtype)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  """Rotate-half RoPE tables (NeoX / HF Llama convention, not interleaved).
+
+  inv_freq_j = theta^(-2j / head_dim), j = 0 .. head_dim/2 - 1
+  emb = concat(pos * inv_freq, pos * inv_freq);  returns cos(emb), sin(emb): [B, L, head_dim] float32.
+  """
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(u: Array, cos: Array, sin: Array, fp32: bool) -> Array:
+  """u' = u * cos + rotate_half(u) * sin, rotate_half(u) = concat(-u[d/2:], u[:d/2]).
+
+  u: [B, L, N, hd]; cos, sin: [B, L, hd]. `fp32` rotates in float32 (LLaDA); otherwise the
+  tables are cast to u's dtype first (Dream / HF Qwen2).
+  """
+  dtype = u.dtype
+  if fp32:
+    u = u.astype(jnp.float32)
+  else:
+    cos, sin = cos.astype(dtype), sin.astype(dtype)
+  half = u.shape[-1] // 2
+  rotated = jnp.concatenate([-u[..., half:], u[..., :half]], axis=-1)
+  out = u * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query attention, bidirectional unless `cfg.causal`.
+
+  x: [B, L, D]; rope: (cos, sin) [B, L, hd] or None; mask: [B, 1, L, L] bool or None.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, rope, mask) -> Array:
+    cfg = self.cfg
+    q = _dense(cfg, (cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg.qkv_bias, "q")(x)
+    k = _dense(cfg, (cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), cfg.qkv_bias, "k")(x)
+    v = _dense(cfg, (cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), cfg.qkv_bias, "v")(x)
+    if rope is not None:
+      q = apply_rope(q, *rope, fp32=cfg.rope_fp32)
+      k = apply_rope(k, *rope, fp32=cfg.rope_fp32)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "kv"))
+    v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=cfg.causal, scale=cfg.head_dim ** -0.5)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    return _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), cfg.out_bias, "o", in_axis=(-2, -1))(out)
+
+
+class Mlp(nn.Module):
+  """swiglu: down(silu(gate(x)) * up(x));  gelu: wo(gelu_erf(wi(x))) (BERT)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    if cfg.mlp == "swiglu":
+      gate = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), cfg.mlp_bias, "gate")(x)
+      up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), cfg.mlp_bias, "up")(x)
+      h = nn.silu(gate) * up
+    else:
+      h = nn.gelu(_dense(cfg, cfg.mlp_dim, ("embed", "mlp"), cfg.mlp_bias, "wi")(x), approximate=False)
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    name = "down" if cfg.mlp == "swiglu" else "wo"
+    return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name)(h)
+
+
+class Block(nn.Module):
+  """One transformer layer; pre-norm for RMSNorm families, post-norm for BERT.
+
+  pre:  x += attn(norm1(x));  x += mlp(norm2(x))
+  post: x = norm1(x + attn(x));  x = norm2(x + mlp(x))
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, rope, mask):
+    cfg = self.cfg
+    attn, mlp = Attention(cfg, name="attn"), Mlp(cfg, name="mlp")
+    norm1, norm2 = Norm(cfg, name="attn_norm"), Norm(cfg, name="mlp_norm")
+    if cfg.norm == "rms":
+      x = x + attn(norm1(x), rope, mask)
+      x = x + mlp(norm2(x))
+    else:
+      x = norm1(x + attn(x, rope, mask))
+      x = norm2(x + mlp(x))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, None
+
+
+class MaskedDiffusionTransformer(nn.Module):
+  """Bidirectional transformer over a token canvas, returning per-position logits.
+
+  input_ids: [B, L] int; attention_mask: optional [B, L] (1 = real token), applied as a
+  key-padding mask (LLaDA's reference ignores masks: pass None for parity);
+  positions: optional [B, L] position ids (default 0..L-1).
+  Returns logits [B, L, V], or (logits, hidden [B, L, D]) with `return_hidden=True`.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, input_ids: Array, *, attention_mask: Array | None = None,
+               positions: Array | None = None, return_hidden: bool = False):
+    cfg = self.config
+    check_input_ids(cfg, input_ids)
+    batch, length = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                     name="embed")
+    x = embed(input_ids)
+    rope = None
+    if cfg.positions == "rope":
+      rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    else:
+      init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))
+      x = x + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=cfg.compute_dtype,
+                       param_dtype=cfg.weight_dtype, embedding_init=init, name="pos_embed")(positions)
+      if cfg.type_vocab_size:
+        x = x + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
+                         param_dtype=cfg.weight_dtype, embedding_init=init,
+                         name="type_embed")(jnp.zeros_like(input_ids))
+    if cfg.norm == "layer":
+      x = Norm(cfg, name="embed_norm")(x)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    mask = None
+    if attention_mask is not None:
+      keep = attention_mask.astype(bool)
+      mask = jnp.broadcast_to(keep[:, None, None, :], (batch, 1, length, length))
+    layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = layers(cfg, name="layers")(x, rope, mask)
+    if cfg.norm == "rms":
+      x = Norm(cfg, name="final_norm")(x)
+    hidden = x
+    if cfg.head == "linear":
+      logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), False, "lm_head")(x)
+    else:
+      if cfg.head == "mlm":
+        x = nn.gelu(_dense(cfg, cfg.hidden_size, ("embed", None), True, "mlm_dense")(x), approximate=False)
+        x = Norm(cfg, name="mlm_norm")(x)
+      logits = embed.attend(x)
+      if cfg.head == "mlm":
+        bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                          (cfg.vocab_size,), cfg.weight_dtype)
+        logits = logits + bias.astype(logits.dtype)
+    if cfg.shift_logits:
+      logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    return (logits, hidden) if return_hidden else logits
+
+
+def check_input_ids(cfg: ModelConfig, input_ids) -> None:
+  """Raises a clear error for a bad canvas when values are concrete (outside jit)."""
+  if getattr(input_ids, "ndim", None) != 2:
+    raise ValueError(f"input_ids must be [batch, length]; got shape {getattr(input_ids, 'shape', None)}")
+  if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+    raise ValueError(f"input_ids must be integers; got dtype {input_ids.dtype}")
+  if cfg.positions == "learned" and input_ids.shape[1] > cfg.max_position_embeddings:
+    raise ValueError(f"input length {input_ids.shape[1]} exceeds max_position_embeddings="
+                     f"{cfg.max_position_embeddings} of this {cfg.family} model; shorten the input")
+  if isinstance(input_ids, jax.core.Tracer):
+    return
+  ids = np.asarray(input_ids)
+  if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+    bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
+    raise ValueError(f"input_ids contain {bad.size} id(s) outside the vocabulary [0, {cfg.vocab_size}), "
+                     f"e.g. {bad.ravel()[:5].tolist()}; check the tokenizer matches the checkpoint")
+
+
+def init_params(cfg: ModelConfig, key: Array, length: int = 8):
+  """Random parameters (plain arrays, no partitioning boxes) for `cfg`."""
+  model = MaskedDiffusionTransformer(cfg)
+  variables = model.init(key, jnp.zeros((1, length), jnp.int32))
+  return nn.meta.unbox(variables["params"])
+
+
+def param_shapes(cfg: ModelConfig) -> Any:
+  """Pytree of jax.ShapeDtypeStruct for the params of `cfg`, computed without allocating."""
+  model = MaskedDiffusionTransformer(cfg)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
+  return nn.meta.unbox(abstract["params"])
+
+
+def logical_axes(cfg: ModelConfig) -> Any:
+  """Pytree of logical axis-name tuples (a `PartitionSpec` per param leaf)."""
+  model = MaskedDiffusionTransformer(cfg)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
+  return nn.get_partition_spec(abstract["params"])
+
+
+def num_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

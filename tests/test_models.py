@@ -1,0 +1,249 @@
+"""Model parity against PyTorch `transformers`, checkpoint round trips, and bad input."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from diffrag.models import (ConfigError, MaskedDiffusionTransformer, from_pretrained, init_params, load_tokenizer,
+                            minilm_path, preset, save_pretrained)
+from tests import hf_fixtures as hf
+
+TOL = 1e-4
+
+
+def _ids(batch=2, length=11, seed=0, vocab=hf.VOCAB):
+  return np.random.default_rng(seed).integers(0, vocab, size=(batch, length)).astype(np.int32)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_llada_matches_bidirectional_llama(tmp_path, kv_heads):
+  path, ref = hf.llada_checkpoint(tmp_path / "llada", kv_heads=kv_heads)
+  model, params = from_pretrained(path)
+  assert model.config.family == "llada" and model.config.mask_token_id == hf.LLADA_MASK
+  assert model.config.num_kv_heads == kv_heads
+  ids = _ids()
+  logits, hidden = model.apply({"params": params}, ids, return_hidden=True)
+  ref_logits, ref_hidden = hf.bidirectional_logits(ref, ids, hidden=True)
+  chex.assert_shape(logits, (2, 11, hf.VOCAB))
+  chex.assert_shape(hidden, (2, 11, 64))
+  assert np.abs(np.asarray(logits) - ref_logits).max() <= TOL
+  assert np.abs(np.asarray(hidden) - ref_hidden).max() <= TOL
+  # The reference really is bidirectional: a causal forward differs.
+  with torch.no_grad():
+    causal = ref(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  assert np.abs(causal - ref_logits).max() > 1e-2
+
+
+def test_dream_matches_bidirectional_qwen2_with_shift(tmp_path):
+  path, ref = hf.dream_checkpoint(tmp_path / "dream")
+  model, params = from_pretrained(path)
+  assert model.config.shift_logits and model.config.qkv_bias
+  ids = _ids()
+  logits, hidden = model.apply({"params": params}, ids, return_hidden=True)
+  ref_logits, ref_hidden = hf.bidirectional_logits(ref, ids, hidden=True)
+  logits = np.asarray(logits)
+  # logits[:, i] is about token i: the network's output at position i - 1.
+  assert np.abs(logits[:, 1:] - ref_logits[:, :-1]).max() <= TOL
+  assert np.abs(logits[:, 0] - ref_logits[:, 0]).max() <= TOL
+  assert np.abs(np.asarray(hidden) - ref_hidden).max() <= TOL
+
+
+def test_bert_matches_transformers(tmp_path):
+  path, ref = hf.bert_checkpoint(tmp_path / "bert")
+  model, params = from_pretrained(path)
+  ids = _ids(length=17, vocab=hf.VOCAB)
+  logits, hidden = model.apply({"params": params}, ids, return_hidden=True)
+  with torch.no_grad():
+    out = ref(input_ids=torch.tensor(ids, dtype=torch.long), output_hidden_states=True)
+  assert np.abs(np.asarray(hidden) - out.hidden_states[-1].numpy()).max() <= TOL
+  assert np.abs(np.asarray(logits) - out.logits.numpy()).max() <= TOL
+
+
+def test_bert_padding_mask_matches_transformers(tmp_path):
+  path, ref = hf.bert_checkpoint(tmp_path / "bert")
+  model, params = from_pretrained(path)
+  ids = _ids(length=9)
+  mask = np.ones_like(ids)
+  mask[1, 6:] = 0
+  _, hidden = model.apply({"params": params}, ids, attention_mask=mask, return_hidden=True)
+  with torch.no_grad():
+    out = ref.bert(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
+  ref_h = out.last_hidden_state.numpy()
+  assert np.abs(np.asarray(hidden)[mask == 1] - ref_h[mask == 1]).max() <= TOL
+
+
+def test_real_minilm_matches_transformers_bert():
+  from transformers import BertModel
+  path = minilm_path()
+  model, params = from_pretrained(path, init_missing_head=True)
+  assert model.config.mask_token_id == 103 and model.config.num_layers == 6
+  tok = load_tokenizer(path)
+  ids = tok(["Diffusion language models denoise a masked canvas."], return_tensors="np")["input_ids"]
+  _, hidden = model.apply({"params": params}, ids, return_hidden=True)
+  ref = BertModel.from_pretrained(str(path), local_files_only=True).eval()
+  with torch.no_grad():
+    ref_h = ref(input_ids=torch.tensor(ids)).last_hidden_state.numpy()
+  assert np.abs(np.asarray(hidden) - ref_h).max() <= TOL
+
+
+def test_minilm_without_head_needs_explicit_flag():
+  with pytest.raises(ConfigError, match="init_missing_head=True"):
+    from_pretrained(minilm_path())
+
+
+@pytest.mark.parametrize("name", ["tiny-llada", "tiny-dream", "tiny-bert"])
+@pytest.mark.parametrize("shard_bytes", [2**31, 40_000])
+def test_export_reload_round_trip(tmp_path, name, shard_bytes):
+  cfg = preset(name)
+  params = init_params(cfg, jax.random.key(1))
+  save_pretrained(cfg, params, tmp_path / name, max_shard_bytes=shard_bytes)
+  assert (tmp_path / name / "model.safetensors.index.json").exists() == (shard_bytes < 2**31)
+  model, loaded = from_pretrained(tmp_path / name)
+  assert model.config == cfg
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, loaded)
+
+
+def test_export_loads_in_pytorch_bert_for_masked_lm(tmp_path):
+  from transformers import BertForMaskedLM
+  cfg = preset("tiny-bert")
+  params = init_params(cfg, jax.random.key(2))
+  save_pretrained(cfg, params, tmp_path / "b")
+  ref = BertForMaskedLM.from_pretrained(str(tmp_path / "b"), local_files_only=True).eval()
+  ids = _ids(length=12, vocab=cfg.vocab_size)
+  with torch.no_grad():
+    ref_logits = ref(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  logits = MaskedDiffusionTransformer(cfg).apply({"params": params}, ids)
+  assert np.abs(np.asarray(logits) - ref_logits).max() <= TOL
+
+
+def test_export_of_llada_loads_into_reference_names(tmp_path):
+  path, ref = hf.llada_checkpoint(tmp_path / "src")
+  model, params = from_pretrained(path)
+  save_pretrained(model.config, params, tmp_path / "out")
+  from safetensors.torch import load_file
+  exported = load_file(tmp_path / "out" / "model.safetensors")
+  original = load_file(path / "model.safetensors")
+  assert set(exported) == set(original)
+  for name, tensor in original.items():
+    torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0)
+  hf_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert hf_cfg["model_type"] == "llada" and hf_cfg["mask_token_id"] == hf.LLADA_MASK
+
+
+def test_bfloat16_params_and_compute(tmp_path):
+  path, ref = hf.llada_checkpoint(tmp_path / "llada")
+  model, params = from_pretrained(path, dtype="bfloat16")
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(params))
+  ids = _ids()
+  logits = model.apply({"params": params}, ids)
+  assert logits.dtype == jnp.bfloat16
+  ref_logits = hf.bidirectional_logits(ref, ids)
+  err = np.abs(np.asarray(logits, np.float32) - ref_logits).max()
+  assert err < 0.1 * np.abs(ref_logits).max()
+
+
+def test_hidden_states_come_from_the_same_forward():
+  cfg = preset("tiny-llada")
+  params = init_params(cfg, jax.random.key(0))
+  model = MaskedDiffusionTransformer(cfg)
+  ids = _ids(vocab=cfg.vocab_size)
+  logits, hidden = model.apply({"params": params}, ids, return_hidden=True)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(model.apply({"params": params}, ids)))
+  head = params["lm_head"]["kernel"]
+  np.testing.assert_allclose(np.asarray(hidden @ head), np.asarray(logits), atol=1e-5)
+
+
+def test_logical_axis_names_cover_every_param():
+  from diffrag.models import logical_axes
+  names = {"batch", "length", "embed", "heads", "kv_heads", "kv", "mlp", "vocab", "layers", None}
+  for cfg_name in ("tiny-llada", "tiny-dream", "tiny-bert"):
+    for spec in jax.tree_util.tree_leaves(logical_axes(preset(cfg_name)), is_leaf=lambda x: isinstance(x, tuple)):
+      assert set(spec) <= names, spec
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_tensor_is_named(tmp_path):
+  ref = hf.llama_reference()
+  tensors = {hf.llada_name(n): t for n, t in ref.state_dict().items()}
+  del tensors["model.transformer.blocks.1.up_proj.weight"]
+  hf.write_checkpoint(tmp_path, hf.llada_config_json(ref), tensors)
+  with pytest.raises(ConfigError, match=r"missing.*blocks\.1\.up_proj\.weight"):
+    from_pretrained(tmp_path)
+
+
+def test_extra_tensor_is_named(tmp_path):
+  ref = hf.llama_reference()
+  tensors = {hf.llada_name(n): t for n, t in ref.state_dict().items()}
+  tensors["model.transformer.blocks.0.surprise.weight"] = torch.zeros(3)
+  hf.write_checkpoint(tmp_path, hf.llada_config_json(ref), tensors)
+  with pytest.raises(ConfigError, match=r"surprise\.weight"):
+    from_pretrained(tmp_path)
+
+
+def test_wrong_shape_is_named(tmp_path):
+  ref = hf.qwen2_reference()
+  tensors = dict(ref.state_dict())
+  tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(100, 64)
+  hf.write_checkpoint(tmp_path, hf.dream_config_json(ref), tensors)
+  with pytest.raises(ConfigError, match=r"up_proj\.weight.*\(100, 64\).*\(160, 64\)"):
+    from_pretrained(tmp_path)
+
+
+def test_config_weights_mismatch_in_layers(tmp_path):
+  ref = hf.llama_reference(layers=3)
+  config = hf.llada_config_json(ref)
+  config["n_layers"] = 2
+  hf.write_checkpoint(tmp_path, config, {hf.llada_name(n): t for n, t in ref.state_dict().items()})
+  with pytest.raises(ConfigError, match=r"2 layers.*blocks\.2\."):
+    from_pretrained(tmp_path)
+
+
+def test_unknown_model_type(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+  with pytest.raises(ConfigError, match=r"model_type='gpt2'.*llada.*Dream.*bert"):
+    from_pretrained(tmp_path)
+
+
+def test_unsupported_config_value(tmp_path):
+  ref = hf.llama_reference()
+  config = hf.llada_config_json(ref)
+  config["alibi"] = True
+  hf.write_checkpoint(tmp_path, config, {hf.llada_name(n): t for n, t in ref.state_dict().items()})
+  with pytest.raises(ConfigError, match="'alibi'"):
+    from_pretrained(tmp_path)
+
+
+def test_missing_directory_and_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    from_pretrained(tmp_path / "nope")
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    from_pretrained(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps(hf.llada_config_json(hf.llama_reference())))
+  with pytest.raises(FileNotFoundError, match="safetensors"):
+    from_pretrained(tmp_path)
+
+
+def test_input_ids_outside_vocabulary():
+  cfg = preset("tiny-llada")
+  params = init_params(cfg, jax.random.key(0))
+  model = MaskedDiffusionTransformer(cfg)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    model.apply({"params": params}, np.array([[1, 2, cfg.vocab_size]], np.int32))
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    model.apply({"params": params}, np.array([[-1, 2]], np.int32))
+
+
+def test_bad_model_config_fields():
+  with pytest.raises(ConfigError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
+    preset("tiny-llada", num_heads=6)
+  with pytest.raises(ConfigError, match="unknown ModelConfig field"):
+    preset("tiny-llada", n_layers=3)
+  with pytest.raises(ConfigError, match="unknown model preset"):
+    preset("gpt-5")

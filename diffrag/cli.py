@@ -72,6 +72,18 @@ def cmd_demo(args) -> int:
   return 0
 
 
+def cmd_train(args) -> int:
+  from diffrag import config as config_lib
+  from diffrag.train.loop import TrainConfig, run
+  cfg = config_lib.load(TrainConfig, args.config, args.overrides)
+  result = run(cfg)
+  last = result.history[-1] if result.history else {}
+  print(f"trained to step {int(result.state.step)}: loss {last.get('loss', float('nan')):.4f}, "
+        f"masked accuracy {last.get('masked_accuracy', float('nan')):.3f}; metrics in {result.out_dir}/metrics.jsonl"
+        + (f"; model exported to {result.export_dir}" if result.export_dir else ""))
+  return 0
+
+
 def cmd_info(args) -> int:
   from diffrag.models import num_params, read_hf_config
   from diffrag.models.families import config_from_hf
@@ -93,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--rates", type=float, nargs="+", default=[0.15, 0.5, 0.9])
   demo.add_argument("--seed", type=int, default=0)
   demo.set_defaults(fn=cmd_demo)
+  train = sub.add_parser("train", help="train / fine-tune a masked diffusion LM (resumes if checkpoints exist)")
+  train.add_argument("--config", required=True, help="YAML config (see configs/)")
+  train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 train.steps=50")
+  train.set_defaults(fn=cmd_train)
   info = sub.add_parser("info", help="print the config a checkpoint directory loads as")
   info.add_argument("--checkpoint", required=True)
   info.set_defaults(fn=cmd_info)

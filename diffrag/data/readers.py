@@ -48,3 +48,36 @@ def read_squad(path: str | os.PathLike) -> list[dict]:
             "is_impossible": bool(qa.get("is_impossible", False)),
         })
   return records
+
+
+def read_jsonl(path: str | os.PathLike, what: str) -> list[dict]:
+  with open(require_file(path, what)) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def read_beir_corpus(folder: str | os.PathLike) -> list[dict]:
+  """BEIR `corpus.jsonl` ({_id, title, text}) -> [{id, title, text}]."""
+  rows = read_jsonl(Path(folder) / "corpus.jsonl", "BEIR corpus")
+  return [{"id": str(r["_id"]), "title": r.get("title", "") or "", "text": r.get("text", "") or ""} for r in rows]
+
+
+def read_musique_corpus(path: str | os.PathLike) -> list[dict]:
+  """MuSiQue paragraph pool `[{title, text}]` -> [{id, title, text}] (id = position)."""
+  rows = json.loads(require_file(path, "MuSiQue corpus").read_text())
+  return [{"id": f"musique-{i}", "title": r.get("title", ""), "text": r["text"]} for i, r in enumerate(rows)]
+
+
+def read_passages(root: str | os.PathLike, source: str) -> list[dict]:
+  """Passages of one local data set as [{id, title, text}] (for corpus training).
+
+  source: squad (unique contexts) | musique (paragraph pool) | scifact (BEIR corpus).
+  """
+  root = Path(root)
+  if source == "squad":
+    contexts = dict.fromkeys((r["title"], r["context"]) for r in read_squad(root / "squad" / "squad2_dev_small.json"))
+    return [{"id": f"squad-{i}", "title": t, "text": c} for i, (t, c) in enumerate(contexts)]
+  if source == "musique":
+    return read_musique_corpus(root / "musique" / "musique_100_corpus.json")
+  if source == "scifact":
+    return read_beir_corpus(root / "scifact")
+  raise ValueError(f"unknown passage source {source!r}; expected one of ['squad', 'musique', 'scifact']")

@@ -121,15 +121,37 @@ class ModelConfig:
     return dataclasses.replace(self, **changes)
 
 
-def _dense(cfg: ModelConfig, features, axes: tuple[str, ...], use_bias: bool, name: str, in_axis=-1):
-  """DenseGeneral whose kernel (and bias) carry logical axis names."""
-  n_in = 1 if isinstance(in_axis, int) else len(in_axis)
-  return nn.DenseGeneral(
-      features=features, axis=in_axis, use_bias=use_bias,
-      dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[n_in:]),
-      name=name)
+class Dense(nn.Module):
+  """y = x . W (+ b), contracting the last `n_in` axes of x with the first `n_in` of W.
+
+  W: [in..., out...] with logical names `axes`; b: [out...]. Parameters are created at
+  their real shape (not flattened), so logical partitioning applies at init under a mesh.
+  """
+
+  cfg: ModelConfig
+  features: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  use_bias: bool
+  n_in: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    shape = tuple(x.shape[-self.n_in:]) + tuple(self.features)
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+                        shape, cfg.weight_dtype)
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+    y = jax.lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.n_in:]),
+                        tuple(self.features), cfg.weight_dtype)
+      y = y + bias.astype(cfg.compute_dtype)
+    return y
+
+
+def _dense(cfg: ModelConfig, features, axes: tuple[str | None, ...], use_bias: bool, name: str, n_in: int = 1):
+  features = features if isinstance(features, tuple) else (features,)
+  return Dense(cfg, features, axes, use_bias, n_in, name=name)
 
 
 class Norm(nn.Module):
@@ -208,7 +230,7 @@ class Attention(nn.Module):
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=cfg.causal, scale=cfg.head_dim ** -0.5)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    return _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), cfg.out_bias, "o", in_axis=(-2, -1))(out)
+    return _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), cfg.out_bias, "o", n_in=2)(out)
 
 
 class Mlp(nn.Module):
@@ -340,22 +362,25 @@ def check_input_ids(cfg: ModelConfig, input_ids) -> None:
 def init_params(cfg: ModelConfig, key: Array, length: int = 8):
   """Random parameters (plain arrays, no partitioning boxes) for `cfg`."""
   model = MaskedDiffusionTransformer(cfg)
-  variables = model.init(key, jnp.zeros((1, length), jnp.int32))
-  return nn.meta.unbox(variables["params"])
+  with nn.logical_axis_rules(()):
+    return nn.meta.unbox(model.init(key, jnp.zeros((1, length), jnp.int32))["params"])
+
+
+def _abstract_params(cfg: ModelConfig):
+  model = MaskedDiffusionTransformer(cfg)
+  with nn.logical_axis_rules(()):  # shapes only: no sharding constraints, whatever mesh is active
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"]
 
 
 def param_shapes(cfg: ModelConfig) -> Any:
   """Pytree of jax.ShapeDtypeStruct for the params of `cfg`, computed without allocating."""
-  model = MaskedDiffusionTransformer(cfg)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
-  return nn.meta.unbox(abstract["params"])
+  with nn.logical_axis_rules(()):
+    return nn.meta.unbox(_abstract_params(cfg))
 
 
 def logical_axes(cfg: ModelConfig) -> Any:
   """Pytree of logical axis-name tuples (a `PartitionSpec` per param leaf)."""
-  model = MaskedDiffusionTransformer(cfg)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
-  return nn.get_partition_spec(abstract["params"])
+  return nn.get_partition_spec(_abstract_params(cfg))
 
 
 def num_params(params) -> int:

@@ -1,0 +1,82 @@
+"""TFDS builders over local files, prepared as array_record and read without TensorFlow.
+
+Nothing is downloaded: the builders read the public releases from the data directory
+(TFDS `manual_dir`) and write array_record shards to a cache folder; `tfds` data
+sources over those shards feed Grain pipelines (`diffrag.data.pipeline`).
+
+    source = passage_source(data_dir(), ("squad", "musique"), cache_dir="outputs/cache/tfds")
+    len(source), source[0]  # {"id": b"...", "title": b"...", "text": b"..."}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+from diffrag.data import readers
+
+DEFAULT_CACHE = "outputs/cache/tfds"
+
+
+class PassageCorpus(tfds.core.GeneratorBasedBuilder):
+  """Passages of local data sets (SQuAD contexts, MuSiQue paragraphs, BEIR corpora)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Point the data directory at a folder with squad/, musique/, scifact/ as in ../shared/data."
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "id": tfds.features.Text(), "title": tfds.features.Text(), "text": tfds.features.Text(),
+        "source": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(Path(dl_manager.manual_dir))}
+
+  def _generate_examples(self, root: Path):
+    seen = set()
+    for source in self.builder_config.name.split("-"):
+      for p in readers.read_passages(root, source):
+        if p["id"] in seen:
+          raise ValueError(f"duplicate passage id {p['id']!r} in {source}; ids must be unique")
+        seen.add(p["id"])
+        yield p["id"], {"id": p["id"], "title": p["title"], "text": p["text"], "source": source}
+
+
+def _fingerprint(root: Path, sources: tuple[str, ...]) -> str:
+  """Changes when the source files change, so a stale prepared copy is never read."""
+  h = hashlib.sha1(str(root.resolve()).encode())
+  for sub in sources:
+    for f in sorted((root / sub).rglob("*")):
+      if f.is_file():
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}:{st.st_size}:{int(st.st_mtime)}".encode())
+  return h.hexdigest()[:12]
+
+
+def prepare(builder_cls, root: str | os.PathLike, config_name: str, sources: tuple[str, ...],
+            cache_dir: str | os.PathLike = DEFAULT_CACHE):
+  """Prepares (once) and returns the builder, keyed by the source files' fingerprint."""
+  root = Path(root)
+  cache = Path(cache_dir) / _fingerprint(root, sources)
+  builder = builder_cls(config=tfds.core.BuilderConfig(name=config_name), data_dir=str(cache),
+                        file_format="array_record")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+  return builder
+
+
+def passage_source(root: str | os.PathLike, sources: tuple[str, ...], cache_dir: str | os.PathLike = DEFAULT_CACHE,
+                   split: str = "train"):
+  """Random-access data source of passages from `sources` (squad, musique, scifact)."""
+  if not sources:
+    raise ValueError("data.sources is empty; name at least one of ['squad', 'musique', 'scifact']")
+  builder = prepare(PassageCorpus, root, "-".join(sources), tuple(sources), cache_dir)
+  return builder.as_data_source(split=split)
+
+
+def decode(record: dict) -> dict:
+  """bytes -> str for the text features of a TFDS record."""
+  return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
+

@@ -1,0 +1,261 @@
+"""The training loop around the pure step: mesh, data, Orbax checkpoints, metrics, resume.
+
+    cfg = config.load(TrainConfig, "configs/minilm_corpus.yaml", ["train.steps=200"])
+    result = run(cfg)
+
+Checkpoints (`<out_dir>/checkpoints/<step>/`) hold the train state and the data
+iterator's state; re-running the same command resumes from the latest one and sees
+exactly the batches an uninterrupted run would have seen (per-step keys are
+`fold_in(seed_key, step)`). A non-finite loss stops the run with a clear message before
+anything is saved, so the last checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from diffrag import config as config_lib
+from diffrag.diffusion import schedule as schedules
+from diffrag.models import from_pretrained, init_params, load_tokenizer, minilm_path, preset, save_pretrained
+from diffrag.models.transformer import MaskedDiffusionTransformer, ModelConfig
+from diffrag.parallel import mesh as mesh_lib
+from diffrag.train import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """init: "minilm" (real all-MiniLM-L6-v2 warm start), "preset" (random, `preset` name) or
+  "checkpoint" (a Hugging Face directory); overrides: ModelConfig fields to change."""
+
+  init: str = "minilm"
+  preset: str = "tiny-llada"
+  checkpoint: str | None = None
+  tokenizer: str | None = None
+  dtype: str = "float32"
+  param_dtype: str | None = None
+  overrides: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  sources: tuple[str, ...] = ("squad", "musique")
+  seq_len: int = 128
+  mode: str = "pack"  # pack | pad
+  long: str = "error"  # error | truncate (pad mode)
+  data_dir: str | None = None
+  cache_dir: str = "outputs/cache/tfds"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+  steps: int = 300
+  batch_size: int = 16
+  micro_batches: int = 1
+  seed: int = 0
+  schedule: str = "linear"
+  eps: float = 1e-3
+  antithetic: bool = False
+  log_every: int = 10
+  checkpoint_every: int = 100
+  keep: int = 3
+  out_dir: str = "outputs/train"
+  export: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  rules: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  model: ModelSpec = ModelSpec()
+  data: DataSpec = DataSpec()
+  optim: step_lib.OptimConfig = step_lib.OptimConfig()
+  train: LoopSpec = LoopSpec()
+  mesh: MeshSpec = MeshSpec()
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN/Inf."""
+
+
+def build_model(spec: ModelSpec, key: jax.Array) -> tuple[MaskedDiffusionTransformer, dict, Any]:
+  """(model, params, tokenizer or None) from a ModelSpec."""
+  dtypes = {"dtype": spec.dtype, "param_dtype": spec.param_dtype or spec.dtype}
+  if spec.init == "minilm":
+    model, params = from_pretrained(minilm_path(), init_missing_head=True, **dtypes, **spec.overrides)
+    return model, params, load_tokenizer(spec.tokenizer or minilm_path())
+  if spec.init == "checkpoint":
+    if not spec.checkpoint:
+      raise ValueError("model.init=checkpoint needs model.checkpoint=<directory>")
+    model, params = from_pretrained(spec.checkpoint, **dtypes, **spec.overrides)
+    return model, params, load_tokenizer(spec.tokenizer or spec.checkpoint)
+  if spec.init == "preset":
+    cfg = preset(spec.preset, **dtypes, **spec.overrides)
+    tok = load_tokenizer(spec.tokenizer) if spec.tokenizer else None
+    return MaskedDiffusionTransformer(cfg), init_params(cfg, key), tok
+  raise ValueError(f"model.init={spec.init!r}; expected 'minilm', 'preset' or 'checkpoint'")
+
+
+def corpus_batches(cfg: TrainConfig, tokenizer, model_cfg: ModelConfig):
+  """The Grain iterator of pretraining batches described by cfg.data."""
+  from diffrag.data import data_dir  # pylint: disable=import-outside-toplevel
+  from diffrag.data.builders import passage_source  # pylint: disable=import-outside-toplevel
+  from diffrag.data.pipeline import text_dataset  # pylint: disable=import-outside-toplevel
+  if tokenizer is None:
+    raise ValueError("training on text needs a tokenizer: set model.tokenizer=<dir> for a preset model")
+  src = passage_source(data_dir(cfg.data.data_dir), cfg.data.sources, cfg.data.cache_dir)
+  eos = model_cfg.eos_token_id if model_cfg.eos_token_id is not None else tokenizer.sep_token_id
+  return iter(text_dataset(src, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
+                           seed=cfg.train.seed, eos_id=eos, mode=cfg.data.mode, long=cfg.data.long))
+
+
+def _global_batch(batch: dict, sharding) -> dict:
+  """Host batch (identical on every process) -> global arrays laid out by `sharding`."""
+  return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: step_lib.TrainState
+  model: MaskedDiffusionTransformer
+  history: list[dict]
+  out_dir: Path
+  export_dir: Path | None
+
+
+def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: int | None = None,
+        progress: bool = True) -> TrainResult:
+  """Trains (or resumes) per `cfg`. `batches` replaces the configured data (tests);
+  `stop_after` ends the run early at that step, as a kill would (after its checkpoint)."""
+  out = Path(cfg.train.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  root_key = jax.random.key(cfg.train.seed)
+  model, params, tokenizer = build_model(cfg.model, jax.random.fold_in(root_key, 1))
+  data = batches if batches is not None else corpus_batches(cfg, tokenizer, model.config)
+
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+  rules = mesh_lib.rules_from_config(cfg.mesh.rules)
+  tx = step_lib.make_optimizer(cfg.optim, cfg.train.steps)
+  with mesh_lib.activate(mesh, rules):
+    params = jax.device_put(params, mesh_lib.param_shardings(model.config, mesh, rules))
+    state = jax.jit(lambda p: step_lib.init_state(p, tx, cfg.optim, jax.random.fold_in(root_key, 2)))(params)
+  del params
+  state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+
+  manager = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(
+      max_to_keep=cfg.train.keep, save_interval_steps=1, create=True))
+  start = 0
+  if manager.latest_step() is not None:
+    start = manager.latest_step()
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                              data=ocp.args.JsonRestore()))
+    state = restored["state"]
+    if batches is None:
+      data.set_state(_from_json(restored["data"]))
+    else:
+      for _ in range(start):
+        next(data)
+  (out / "config.yaml").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
+
+  schedule = schedules.get(cfg.train.schedule, cfg.train.eps)
+  apply_fn = lambda p, x: model.apply({"params": p}, x)
+  step_fn = step_lib.make_train_step(apply_fn, tx, cfg.optim, mask_id=model.config.mask_token_id,
+                                     schedule=schedule, micro_batches=cfg.train.micro_batches,
+                                     antithetic=cfg.train.antithetic)
+  with mesh_lib.activate(mesh, rules):
+    jitted = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, mesh_lib.replicated(mesh)),
+                     out_shardings=(state_sharding, mesh_lib.replicated(mesh)), donate_argnums=0)
+  lr_fn = step_lib.lr_schedule(cfg.optim, cfg.train.steps)
+  end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
+  history: list[dict] = []
+  metrics_file = out / "metrics.jsonl"
+  bar = tqdm(total=end, initial=start, desc="train", disable=not progress or jax.process_index() != 0)
+  tokens_done, t_last = 0, time.perf_counter()
+  for step in range(start, end):
+    host_batch = next(data)
+    batch = _global_batch({k: np.asarray(v) for k, v in host_batch.items()}, batch_sharding)
+    with mesh_lib.activate(mesh, rules):
+      state, metrics = jitted(state, batch, jax.random.fold_in(root_key, step))
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      last = manager.latest_step()
+      manager.close()
+      raise TrainingDiverged(
+          f"loss became {loss} at step {step + 1}; nothing was saved after it. The last good checkpoint is "
+          f"{'step ' + str(last) if last is not None else 'none'} in {out / 'checkpoints'}. Lower optim.lr, "
+          "raise optim.warmup_steps or check the data, then re-run to resume.")
+    tokens_done += host_batch["tokens"].size
+    bar.update(1)
+    if (step + 1) % cfg.train.log_every == 0 or step + 1 == end:
+      now = time.perf_counter()
+      row = {"step": step + 1, "loss": loss, "masked_accuracy": float(metrics["masked_accuracy"]),
+             "grad_norm": float(metrics["grad_norm"]), "lr": float(lr_fn(step)),
+             "tokens_per_s": tokens_done / max(now - t_last, 1e-9)}
+      tokens_done, t_last = 0, now
+      history.append(row)
+      bar.set_postfix(loss=f"{loss:.3f}", acc=f"{row['masked_accuracy']:.3f}")
+      if jax.process_index() == 0:
+        with metrics_file.open("a") as f:
+          f.write(json.dumps(row) + "\n")
+    if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
+      data_state = data.get_state() if batches is None else {}
+      manager.save(step + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     data=ocp.args.JsonSave(_to_json(data_state))))
+  bar.close()
+  manager.wait_until_finished()
+  manager.close()
+  export_dir = None
+  if cfg.train.export and end == cfg.train.steps and jax.process_index() == 0:
+    export_dir = export(model, state, cfg, tokenizer, out / "hf")
+  return TrainResult(state, model, history, out, export_dir)
+
+
+def export(model: MaskedDiffusionTransformer, state: step_lib.TrainState, cfg: TrainConfig, tokenizer,
+           path: Path) -> Path:
+  """Writes the trained model (LoRA merged) as a Hugging Face directory, tokenizer included."""
+  params = jax.device_get(step_lib.model_params(state.params, state.frozen, cfg.optim))
+  save_pretrained(model.config, params, path)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(path))
+  return path
+
+
+def _to_json(state: Any) -> Any:
+  """Grain iterator state -> JSON (tuples become tagged lists so they round-trip)."""
+  if isinstance(state, dict):
+    return {k: _to_json(v) for k, v in state.items()}
+  if isinstance(state, tuple):
+    return {"__tuple__": [_to_json(v) for v in state]}
+  if isinstance(state, list):
+    return [_to_json(v) for v in state]
+  if isinstance(state, (np.integer,)):
+    return int(state)
+  return state
+
+
+def _from_json(state: Any) -> Any:
+  if isinstance(state, dict):
+    if set(state) == {"__tuple__"}:
+      return tuple(_from_json(v) for v in state["__tuple__"])
+    return {k: _from_json(v) for k, v in state.items()}
+  if isinstance(state, list):
+    return [_from_json(v) for v in state]
+  return state
+

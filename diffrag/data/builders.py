@@ -71,7 +71,9 @@ def passage_source(root: str | os.PathLike, sources: tuple[str, ...], cache_dir:
                    split: str = "train"):
   """Random-access data source of passages from `sources` (squad, musique, scifact)."""
   if not sources:
-    raise ValueError("data.sources is empty; name at least one of ['squad', 'musique', 'scifact']")
+    raise ValueError(f"data.sources is empty; name at least one of {sorted(readers.PASSAGE_FILES)}")
+  for source in sources:
+    readers.passage_file(root, source)
   builder = prepare(PassageCorpus, root, "-".join(sources), tuple(sources), cache_dir)
   return builder.as_data_source(split=split)
 

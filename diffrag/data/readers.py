@@ -67,17 +67,29 @@ def read_musique_corpus(path: str | os.PathLike) -> list[dict]:
   return [{"id": f"musique-{i}", "title": r.get("title", ""), "text": r["text"]} for i, r in enumerate(rows)]
 
 
+PASSAGE_FILES = {
+    "squad": "squad/squad2_dev_small.json",
+    "musique": "musique/musique_100_corpus.json",
+    "scifact": "scifact/corpus.jsonl",
+}
+
+
+def passage_file(root: str | os.PathLike, source: str) -> Path:
+  """The file a passage source reads (checked to exist)."""
+  if source not in PASSAGE_FILES:
+    raise ValueError(f"unknown passage source {source!r}; expected one of {sorted(PASSAGE_FILES)}")
+  return require_file(Path(root) / PASSAGE_FILES[source], f"passage source {source!r}")
+
+
 def read_passages(root: str | os.PathLike, source: str) -> list[dict]:
   """Passages of one local data set as [{id, title, text}] (for corpus training).
 
   source: squad (unique contexts) | musique (paragraph pool) | scifact (BEIR corpus).
   """
-  root = Path(root)
+  path = passage_file(root, source)
   if source == "squad":
-    contexts = dict.fromkeys((r["title"], r["context"]) for r in read_squad(root / "squad" / "squad2_dev_small.json"))
+    contexts = dict.fromkeys((r["title"], r["context"]) for r in read_squad(path))
     return [{"id": f"squad-{i}", "title": t, "text": c} for i, (t, c) in enumerate(contexts)]
   if source == "musique":
-    return read_musique_corpus(root / "musique" / "musique_100_corpus.json")
-  if source == "scifact":
-    return read_beir_corpus(root / "scifact")
-  raise ValueError(f"unknown passage source {source!r}; expected one of ['squad', 'musique', 'scifact']")
+    return read_musique_corpus(path)
+  return read_beir_corpus(path.parent)

@@ -69,3 +69,52 @@ def diffusion_loss(logits_fn, key: jax.Array, x0: jax.Array, maskable: jax.Array
   correct = (jnp.argmax(logits, axis=-1) == x0) & is_masked
   aux = {"masked_tokens": jnp.sum(is_masked), "correct": jnp.sum(correct)}
   return loss, aux
+
+
+def stratified_mask_counts(key: jax.Array, n: jax.Array, group: int) -> jax.Array:
+  """LLaDA's stratified number of masked tokens for one group of `group` MC samples.
+
+  k ~ U{1..n};  x_j = round(k + j * n / group), j = 0..group-1;  x_j <- ((x_j - 1) mod n) + 1.
+  n: [R] maskable count per row -> [R, group] counts in [1, n].
+  """
+  n_f = n.astype(jnp.float32)
+  k = jnp.floor(jax.random.uniform(key, n.shape) * n_f) + 1.0
+  x = jnp.round(k[:, None] + jnp.arange(group, dtype=jnp.float32)[None, :] * (n_f[:, None] / group))
+  return (jnp.mod(x - 1.0, n_f[:, None]) + 1.0).astype(jnp.int32)
+
+
+def mc_log_likelihood(logits_fn, key: jax.Array, tokens: jax.Array, maskable: jax.Array, mask_id: int,
+                      mc_num: int = 128, group: int = 16, cfg_scale: float = 0.0) -> jax.Array:
+  """Monte-Carlo ELBO of the maskable span given the rest (LLaDA `get_log_likelihood`).
+
+  For each row (n = #maskable), in mc_num // group groups: draw stratified counts m_j
+  (`stratified_mask_counts`), mask m_j uniformly chosen maskable positions, and take
+  l_j = sum_{masked i} -log p(x_i | x_t) / (m_j / n).  Returns -mean_j l_j per row: [R].
+  With cfg_scale > 0: logits = un + (cfg_scale + 1)(cond - un), un = x_t with every
+  non-maskable (prompt) position masked.
+  tokens, maskable: [R, L]; logits_fn: [N, L] -> [N, L, V].
+  """
+  rows, length = tokens.shape
+  maskable = maskable.astype(bool)
+  n = jnp.maximum(jnp.sum(maskable, axis=-1), 1)
+  repeats = max(mc_num // group, 1)
+
+  def one_group(key):
+    key_k, key_p = jax.random.split(key)
+    counts = stratified_mask_counts(key_k, n, group)  # [R, G]
+    u = jax.random.uniform(key_p, (rows, group, length))
+    u = jnp.where(maskable[:, None, :], u, 2.0)  # non-maskable positions rank last
+    ranks = jnp.argsort(jnp.argsort(u, axis=-1), axis=-1)
+    is_masked = ranks < counts[..., None]  # exactly m_j maskable positions per sample
+    x0 = jnp.broadcast_to(tokens[:, None, :], is_masked.shape).reshape(rows * group, length)
+    xt = jnp.where(is_masked.reshape(x0.shape), mask_id, x0)
+    logits = logits_fn(xt)
+    if cfg_scale > 0:
+      un = jnp.where(jnp.repeat(~maskable, group, axis=0), mask_id, xt)
+      un_logits = logits_fn(un)
+      logits = un_logits + (cfg_scale + 1.0) * (logits - un_logits)
+    nll = (token_nll(logits, x0) * is_masked.reshape(x0.shape)).sum(-1).reshape(rows, group)
+    return jnp.mean(nll / (counts / n[:, None]), axis=-1)  # [R]
+
+  losses = jax.lax.map(one_group, jax.random.split(key, repeats))  # [repeats, R]
+  return -jnp.mean(losses, axis=0)

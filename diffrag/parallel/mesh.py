@@ -61,16 +61,20 @@ class MeshConfig:
       if num_devices % known:
         raise ValueError(f"mesh: {num_devices} devices cannot be split into fsdp*tensor*data with fixed axes {dims}")
       dims[dims.index(-1)] = num_devices // known
-    if math.prod(dims) != num_devices:
-      raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(dims)} but {num_devices} devices are available; "
-                       "set the axis sizes so that their product is the device count (or use -1 for one axis)")
+    if math.prod(dims) > num_devices:
+      raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(dims)} but only {num_devices} devices are available; "
+                       "set the axis sizes so that their product is at most the device count (or use -1 for one axis)")
     return tuple(dims)
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+  """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+  A mesh smaller than the device list uses its first data*fsdp*tensor devices.
+  """
   devices = list(devices if devices is not None else jax.devices())
   shape = cfg.shape(len(devices))
+  devices = devices[:math.prod(shape)]
   try:
     from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
     arr = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)

@@ -124,6 +124,32 @@ def corpus_batches(cfg: TrainConfig, tokenizer, model_cfg: ModelConfig):
                            seed=cfg.train.seed, eos_id=eos, mode=cfg.data.mode, long=cfg.data.long))
 
 
+def compile_step(model: MaskedDiffusionTransformer, params: dict, cfg: TrainConfig, mesh, rules):
+  """Places params on `mesh`, builds the train state there and jits the step once.
+
+  Returns (state, step(state, batch, key) -> (state, metrics), batch sharding).
+  """
+  tx = step_lib.make_optimizer(cfg.optim, cfg.train.steps)
+  key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2)
+  with mesh_lib.activate(mesh, rules):
+    params = jax.device_put(params, mesh_lib.param_shardings(model.config, mesh, rules))
+    state = jax.jit(lambda p: step_lib.init_state(p, tx, cfg.optim, key))(params)
+  state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+  step_fn = step_lib.make_train_step(lambda p, x: model.apply({"params": p}, x), tx, cfg.optim,
+                                     mask_id=model.config.mask_token_id,
+                                     schedule=schedules.get(cfg.train.schedule, cfg.train.eps),
+                                     micro_batches=cfg.train.micro_batches, antithetic=cfg.train.antithetic)
+  jitted = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, mesh_lib.replicated(mesh)),
+                   out_shardings=(state_sharding, mesh_lib.replicated(mesh)), donate_argnums=0)
+
+  def step(state, batch, key):
+    with mesh_lib.activate(mesh, rules):
+      return jitted(state, batch, key)
+
+  return state, step, batch_sharding
+
+
 def _global_batch(batch: dict, sharding) -> dict:
   """Host batch (identical on every process) -> global arrays laid out by `sharding`."""
   return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
@@ -150,14 +176,8 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
 
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
   rules = mesh_lib.rules_from_config(cfg.mesh.rules)
-  tx = step_lib.make_optimizer(cfg.optim, cfg.train.steps)
-  with mesh_lib.activate(mesh, rules):
-    params = jax.device_put(params, mesh_lib.param_shardings(model.config, mesh, rules))
-    state = jax.jit(lambda p: step_lib.init_state(p, tx, cfg.optim, jax.random.fold_in(root_key, 2)))(params)
+  state, jitted, batch_sharding = compile_step(model, params, cfg, mesh, rules)
   del params
-  state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-
   manager = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(
       max_to_keep=cfg.train.keep, save_interval_steps=1, create=True))
   start = 0
@@ -174,14 +194,6 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
         next(data)
   (out / "config.yaml").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
 
-  schedule = schedules.get(cfg.train.schedule, cfg.train.eps)
-  apply_fn = lambda p, x: model.apply({"params": p}, x)
-  step_fn = step_lib.make_train_step(apply_fn, tx, cfg.optim, mask_id=model.config.mask_token_id,
-                                     schedule=schedule, micro_batches=cfg.train.micro_batches,
-                                     antithetic=cfg.train.antithetic)
-  with mesh_lib.activate(mesh, rules):
-    jitted = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, mesh_lib.replicated(mesh)),
-                     out_shardings=(state_sharding, mesh_lib.replicated(mesh)), donate_argnums=0)
   lr_fn = step_lib.lr_schedule(cfg.optim, cfg.train.steps)
   end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
   history: list[dict] = []
@@ -191,14 +203,13 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
   for step in range(start, end):
     host_batch = next(data)
     batch = _global_batch({k: np.asarray(v) for k, v in host_batch.items()}, batch_sharding)
-    with mesh_lib.activate(mesh, rules):
-      state, metrics = jitted(state, batch, jax.random.fold_in(root_key, step))
+    state, metrics = jitted(state, batch, jax.random.fold_in(root_key, step))
     loss = float(metrics["loss"])
-    if not math.isfinite(loss):
+    if not (math.isfinite(loss) and bool(metrics["params_finite"])):
       last = manager.latest_step()
       manager.close()
       raise TrainingDiverged(
-          f"loss became {loss} at step {step + 1}; nothing was saved after it. The last good checkpoint is "
+          f"loss became {loss} (updated params finite: {bool(metrics['params_finite'])}) at step {step + 1}; nothing was saved after it. The last good checkpoint is "
           f"{'step ' + str(last) if last is not None else 'none'} in {out / 'checkpoints'}. Lower optim.lr, "
           "raise optim.warmup_steps or check the data, then re-run to resume.")
     tokens_done += host_batch["tokens"].size

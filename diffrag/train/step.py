@@ -161,7 +161,8 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss / micro_batches, "grad_norm": optax.global_norm(grads),
                "masked_accuracy": aux["correct"] / jnp.maximum(aux["masked_tokens"], 1),
-               "masked_tokens": aux["masked_tokens"]}
+               "masked_tokens": aux["masked_tokens"],
+               "params_finite": jnp.isfinite(optax.global_norm(params))}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step

@@ -1,0 +1,166 @@
+"""Training: sharding equivalence, kill-and-resume, multi-process, learning, bad input."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from diffrag import config as config_lib
+from diffrag.models import ConfigError, minilm_path
+from diffrag.train.loop import DataSpec, LoopSpec, MeshSpec, ModelSpec, TrainConfig, TrainingDiverged, run
+from diffrag.train.step import OptimConfig
+from tests.train_fixtures import one_step
+
+SENTENCES = [
+    "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in France.",
+    "They were descended from Norse raiders and pirates from Denmark, Iceland and Norway.",
+    "The Norman dynasty had a major political, cultural and military impact on medieval Europe.",
+    "Computational complexity theory classifies computational problems according to their inherent difficulty.",
+    "A problem is regarded as inherently difficult if its solution requires significant resources.",
+    "The river flows through the valley and reaches the sea after three hundred kilometres.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "The committee published its report on the economy in the spring of that year.",
+] * 3
+
+
+def _write_squad(root: Path) -> Path:
+  paras = [{"context": s, "qas": [{"id": f"q{i}", "question": "What?", "answers": [{"text": s.split()[1],
+                                                                                     "answer_start": 0}]}]}
+           for i, s in enumerate(dict.fromkeys(SENTENCES))]
+  (root / "squad").mkdir(parents=True)
+  (root / "squad" / "squad2_dev_small.json").write_text(json.dumps({"data": [{"title": "T", "paragraphs": paras}]}))
+  return root
+
+
+def _tiny_cfg(tmp_path, out, steps, **optim):
+  return TrainConfig(
+      model=ModelSpec(init="preset", preset="tiny-bert", tokenizer=str(minilm_path()),
+                      overrides={"vocab_size": 30522, "mask_token_id": 103, "eos_token_id": 102}),
+      data=DataSpec(sources=("squad",), seq_len=32, data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache")),
+      optim=OptimConfig(**{"lr": 1e-3, "warmup_steps": 5, **optim}),
+      train=LoopSpec(steps=steps, batch_size=8, log_every=1, checkpoint_every=3, out_dir=str(tmp_path / out),
+                     export=False),
+      mesh=MeshSpec(data=1, fsdp=1, tensor=1))
+
+
+def _cpu0():
+  return [jax.devices()[0]]
+
+
+def test_sharded_step_matches_single_device():
+  loss1, params1 = one_step(devices=_cpu0())
+  loss8, params8 = one_step(data=2, fsdp=4)
+  assert abs(loss1 - loss8) <= 1e-5
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
+                         params1, params8)
+  loss_tp, _ = one_step(data=2, fsdp=2, tensor=2)
+  assert abs(loss1 - loss_tp) <= 1e-5
+
+
+def test_micro_batches_average_gradients():
+  loss1, _ = one_step(devices=_cpu0())
+  loss2, _ = one_step(devices=_cpu0(), micro_batches=2)
+  assert np.isfinite(loss2) and abs(loss1 - loss2) < 0.5 * loss1  # different noise draws, same scale
+
+
+def test_kill_and_resume_is_bitwise_identical(tmp_path):
+  _write_squad(tmp_path / "data")
+  full = run(_tiny_cfg(tmp_path, "full", 6), progress=False, stop_after=None)
+  cfg = _tiny_cfg(tmp_path, "killed", 6)
+  part = run(cfg, progress=False, stop_after=3)
+  assert int(part.state.step) == 3
+  resumed = run(cfg, progress=False)
+  assert int(resumed.state.step) == 6
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                         full.state.params, resumed.state.params)
+  losses = [r["loss"] for r in full.history]
+  assert [r["loss"] for r in part.history + resumed.history] == losses
+
+
+def test_loss_decreases_on_a_small_corpus(tmp_path):
+  _write_squad(tmp_path / "data")
+  cfg = _tiny_cfg(tmp_path, "learn", 150, lr=3e-3, warmup_steps=10)
+  result = run(cfg, progress=False)
+  losses = [r["loss"] for r in result.history]
+  assert np.mean(losses[-15:]) < 0.6 * np.mean(losses[:5]), (losses[:5], losses[-15:])
+
+
+def test_lora_trains_only_adapters(tmp_path):
+  _write_squad(tmp_path / "data")
+  cfg = _tiny_cfg(tmp_path, "lora", 3, lora_rank=4)
+  result = run(cfg, progress=False)
+  assert set(result.state.params) == {"attn", "mlp"}
+  assert result.state.frozen is not None
+  b = np.asarray(result.state.params["attn"]["q"]["b"])
+  assert np.abs(b).max() > 0  # adapters moved from their zero init
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
+  _write_squad(tmp_path / "data")
+  cfg = _tiny_cfg(tmp_path, "nan", 12, lr=1e30, warmup_steps=1, clip_norm=1e30)
+  with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+    run(cfg, progress=False)
+
+
+def test_two_process_run_agrees_with_single_process(tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  root = Path(__file__).resolve().parents[1]
+  env = {**os.environ, "PYTHONPATH": str(root)}
+  env.pop("XLA_FLAGS", None)
+  out = tmp_path / "loss.txt"
+  procs = [subprocess.Popen([sys.executable, str(root / "tests" / "distributed_worker.py"), str(port), str(i), str(out)],
+                            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  logs = [p.communicate(timeout=240)[0].decode() for p in procs]
+  assert all(p.returncode == 0 for p in procs), logs
+  loss_single, _ = one_step(devices=_cpu0())
+  assert abs(float(out.read_text()) - loss_single) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
+  path = tmp_path / "c.yaml"
+  path.write_text("train:\n  steps: 10\n  stpes: 3\n")
+  with pytest.raises(ConfigError, match=r"train\.stpes"):
+    config_lib.load(TrainConfig, path)
+  with pytest.raises(ConfigError, match=r"optim\.lr.*expected float"):
+    config_lib.load(TrainConfig, None, ["optim.lr=fast"])
+  with pytest.raises(ConfigError, match=r"train\.steps.*expected int"):
+    config_lib.load(TrainConfig, None, ["train.steps=1.5"])
+  cfg = config_lib.load(TrainConfig, Path("configs/minilm_corpus.yaml"), ["optim.lr=3e-4", "train.steps=7"])
+  assert cfg.optim.lr == 3e-4 and cfg.train.steps == 7 and cfg.data.sources == ("squad", "musique", "scifact")
+
+
+def test_missing_data_file_names_it(tmp_path):
+  (tmp_path / "data").mkdir()
+  with pytest.raises(FileNotFoundError, match=r"squad2_dev_small\.json"):
+    run(_tiny_cfg(tmp_path, "x", 2), progress=False)
+
+
+def test_long_sequences_error_unless_truncation(tmp_path):
+  _write_squad(tmp_path / "data")
+  cfg = _tiny_cfg(tmp_path, "pad", 2)
+  cfg = config_lib.from_dict(TrainConfig, config_lib.apply_overrides(config_lib.to_dict(cfg),
+                                                                     ["data.mode=pad", "data.seq_len=8"]))
+  with pytest.raises(ValueError, match="more than data.seq_len=8"):
+    run(cfg, progress=False)
+
+
+def test_checkpoint_of_a_different_shape_names_the_tensor(tmp_path):
+  from diffrag.models import from_pretrained, init_params, preset, save_pretrained
+  cfg = preset("tiny-llada")
+  save_pretrained(cfg, init_params(cfg, jax.random.key(0)), tmp_path / "a")
+  config = json.loads((tmp_path / "a" / "config.json").read_text())
+  config["mlp_hidden_size"] = 96
+  (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ConfigError, match=r"tensor .*blocks\.0\.(ff_proj|ff_out|up_proj)\.weight. has shape"):
+    from_pretrained(tmp_path / "a")

@@ -72,7 +72,22 @@ def cmd_demo(args) -> int:
   return 0
 
 
+def _maybe_init_distributed() -> None:
+  """Multi-host: one process per host, coordinated through JAX_COORDINATOR_ADDRESS."""
+  import os
+  import jax
+  if os.environ.get("DIFFRAG_DISTRIBUTED") == "auto":  # TPU pods, SLURM: jax detects the cluster
+    jax.distributed.initialize()
+  elif os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if v not in os.environ]
+    if missing:
+      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not; set all three for multi-host runs")
+    jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
+                               int(os.environ["JAX_PROCESS_ID"]))
+
+
 def cmd_train(args) -> int:
+  _maybe_init_distributed()
   from diffrag import config as config_lib
   from diffrag.train.loop import TrainConfig, run
   cfg = config_lib.load(TrainConfig, args.config, args.overrides)
@@ -81,6 +96,12 @@ def cmd_train(args) -> int:
   print(f"trained to step {int(result.state.step)}: loss {last.get('loss', float('nan')):.4f}, "
         f"masked accuracy {last.get('masked_accuracy', float('nan')):.3f}; metrics in {result.out_dir}/metrics.jsonl"
         + (f"; model exported to {result.export_dir}" if result.export_dir else ""))
+  return 0
+
+
+def cmd_bench(args) -> int:
+  from diffrag import bench
+  bench.main(args.out, args.only)
   return 0
 
 
@@ -109,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--config", required=True, help="YAML config (see configs/)")
   train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 train.steps=50")
   train.set_defaults(fn=cmd_train)
+  bench = sub.add_parser("bench", help="benchmarks; tables under --out")
+  bench.add_argument("--out", default="bench")
+  bench.add_argument("--only", default=None, help="run one section (train)")
+  bench.add_argument("--data-dir", default=None)
+  bench.set_defaults(fn=cmd_bench)
   info = sub.add_parser("info", help="print the config a checkpoint directory loads as")
   info.add_argument("--checkpoint", required=True)
   info.set_defaults(fn=cmd_info)

@@ -17,6 +17,7 @@ import numpy as np
 from diffrag.models import from_pretrained, init_params, minilm_path, preset
 from diffrag.models.transformer import MaskedDiffusionTransformer
 from diffrag.parallel import mesh as mesh_lib
+from diffrag.report import write_table
 from diffrag.train.loop import LoopSpec, MeshSpec, TrainConfig, _global_batch, compile_step
 from diffrag.train.step import OptimConfig
 
@@ -103,7 +104,6 @@ def bench_train(out: Path, steps: int = 10) -> list[dict]:
 
 
 def main(out: str = "bench", only: str | None = None) -> None:
-  from diffrag.cli import _write_table  # pylint: disable=import-outside-toplevel
   out_dir = Path(out)
   sections = {"train": bench_train}
   for name, fn in sections.items():
@@ -111,4 +111,4 @@ def main(out: str = "bench", only: str | None = None) -> None:
       continue
     rows = fn(out_dir)
     print(f"\n## {name}\n")
-    print(_write_table(rows, out_dir, name))
+    print(write_table(rows, out_dir, name))

@@ -11,17 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _write_table(rows: list[dict], out: Path, name: str) -> str:
-  """Writes rows as Markdown and CSV under `out`; returns the Markdown."""
-  out.mkdir(parents=True, exist_ok=True)
-  cols = list(rows[0])
-  md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-  text = "\n".join(md) + "\n"
-  (out / f"{name}.md").write_text(text)
-  (out / f"{name}.csv").write_text(",".join(cols) + "\n" + "\n".join(",".join(str(r[c]) for c in cols) for r in rows) + "\n")
-  return text
+from diffrag.report import write_table
 
 
 def cmd_demo(args) -> int:
@@ -65,7 +55,7 @@ def cmd_demo(args) -> int:
     acc, nll, n = jax.device_get(score(jax.random.key(args.seed), rate))
     rows.append({"mask_rate": rate, "masked_tokens": int(n), "accuracy": f"{acc:.3f}",
                  "nll_per_token": f"{nll:.3f}", "seconds": f"{time.perf_counter() - t1:.2f}"})
-  table = _write_table(rows, Path(args.out), "denoise_warm_start")
+  table = write_table(rows, Path(args.out), "denoise_warm_start")
   print("\nOne-step denoising of masked SQuAD passages by the untrained warm start:\n")
   print(table)
   print(f"tables written to {args.out}/")

@@ -192,7 +192,7 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
     else:
       for _ in range(start):
         next(data)
-  (out / "config.yaml").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
+  config_lib.dump(cfg, out / "config.yaml")
 
   lr_fn = step_lib.lr_schedule(cfg.optim, cfg.train.steps)
   end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)

@@ -19,7 +19,7 @@ mlp, vocab, kv_heads, layers`); `diffrag.parallel` maps them to mesh axes by a r
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -208,16 +208,30 @@ def apply_rope(u: Array, cos: Array, sin: Array, fp32: bool) -> Array:
   return out.astype(dtype)
 
 
+class KVCache(NamedTuple):
+  """Keys/values of earlier positions, reused by a forward over a window of the canvas.
+
+  k, v: [layers, B, Lc, kv_heads, hd] (after RoPE); valid: [B, Lc] bool, which cached
+  keys the window's queries may attend to (Fast-dLLM's prefix / dual cache).
+  """
+
+  k: Array
+  v: Array
+  valid: Array
+
+
 class Attention(nn.Module):
   """Multi-head / grouped-query attention, bidirectional unless `cfg.causal`.
 
-  x: [B, L, D]; rope: (cos, sin) [B, L, hd] or None; mask: [B, 1, L, L] bool or None.
+  x: [B, L, D]; rope: (cos, sin) [B, L, hd] or None; mask: [B, 1, L, Lk] bool or None;
+  cache: optional (k, v) [B, Lc, kv_heads, hd] of this layer, prepended to the window's
+  own keys (then Lk = Lc + L). Returns (out [B, L, D], (k, v) of the window).
   """
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, rope, mask) -> Array:
+  def __call__(self, x: Array, rope, mask, cache=None):
     cfg = self.cfg
     q = _dense(cfg, (cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg.qkv_bias, "q")(x)
     k = _dense(cfg, (cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), cfg.qkv_bias, "k")(x)
@@ -228,9 +242,14 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=cfg.causal, scale=cfg.head_dim ** -0.5)
+    keys, values = k, v
+    if cache is not None:
+      keys = jnp.concatenate([cache[0].astype(k.dtype), k], axis=1)
+      values = jnp.concatenate([cache[1].astype(v.dtype), v], axis=1)
+    out = jax.nn.dot_product_attention(q, keys, values, mask=mask, is_causal=cfg.causal,
+                                       scale=cfg.head_dim ** -0.5)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    return _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), cfg.out_bias, "o", n_in=2)(out)
+    return _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), cfg.out_bias, "o", n_in=2)(out), (k, v)
 
 
 class Mlp(nn.Module):
@@ -260,20 +279,23 @@ class Block(nn.Module):
   """
 
   cfg: ModelConfig
+  collect_kv: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, rope, mask):
+  def __call__(self, x: Array, rope, mask, cache=None):
     cfg = self.cfg
     attn, mlp = Attention(cfg, name="attn"), Mlp(cfg, name="mlp")
     norm1, norm2 = Norm(cfg, name="attn_norm"), Norm(cfg, name="mlp_norm")
     if cfg.norm == "rms":
-      x = x + attn(norm1(x), rope, mask)
+      a, kv = attn(norm1(x), rope, mask, cache)
+      x = x + a
       x = x + mlp(norm2(x))
     else:
-      x = norm1(x + attn(x, rope, mask))
+      a, kv = attn(x, rope, mask, cache)
+      x = norm1(x + a)
       x = norm2(x + mlp(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    return x, None
+    return x, (kv if self.collect_kv else None)
 
 
 class MaskedDiffusionTransformer(nn.Module):
@@ -283,13 +305,23 @@ class MaskedDiffusionTransformer(nn.Module):
   key-padding mask (LLaDA's reference ignores masks: pass None for parity);
   positions: optional [B, L] position ids (default 0..L-1).
   Returns logits [B, L, V], or (logits, hidden [B, L, D]) with `return_hidden=True`.
+
+  For cached decoding (Fast-dLLM), `input_ids` is a window of the canvas, `positions` its
+  absolute positions, `cache` a `KVCache` of other positions (attended where `valid`);
+  `return_cache=True` appends this forward's own KVCache (the window's keys/values) to the
+  outputs. `output_window=(start, n)` computes the head only for window positions
+  [start, start + n) (start may be traced, n static): logits [B, n, V], hidden [B, n, D].
+  With shifted logits (Dream) position start's logits come from position start - 1, so
+  start must be >= 1.
   """
 
   config: ModelConfig
 
   @nn.compact
   def __call__(self, input_ids: Array, *, attention_mask: Array | None = None,
-               positions: Array | None = None, return_hidden: bool = False):
+               positions: Array | None = None, return_hidden: bool = False,
+               cache: KVCache | None = None, return_cache: bool = False,
+               output_window: tuple[Any, int] | None = None):
     cfg = self.config
     check_input_ids(cfg, input_ids)
     batch, length = input_ids.shape
@@ -314,16 +346,29 @@ class MaskedDiffusionTransformer(nn.Module):
       x = Norm(cfg, name="embed_norm")(x)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     mask = None
-    if attention_mask is not None:
-      keep = attention_mask.astype(bool)
-      mask = jnp.broadcast_to(keep[:, None, None, :], (batch, 1, length, length))
+    if attention_mask is not None or cache is not None:
+      keep = jnp.ones((batch, length), bool) if attention_mask is None else attention_mask.astype(bool)
+      if cache is not None:
+        keep = jnp.concatenate([cache.valid.astype(bool), keep], axis=1)
+      mask = jnp.broadcast_to(keep[:, None, None, :], (batch, 1, length, keep.shape[1]))
     layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                     in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                      metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = layers(cfg, name="layers")(x, rope, mask)
+    layer_cache = None if cache is None else (cache.k, cache.v)
+    x, kv = layers(cfg, collect_kv=return_cache, name="layers")(x, rope, mask, layer_cache)
     if cfg.norm == "rms":
       x = Norm(cfg, name="final_norm")(x)
+    if output_window is not None:
+      start, n = output_window
+      if cfg.shift_logits:  # one extra position on the left feeds the shift below
+        x_out = jax.lax.dynamic_slice_in_dim(x, start - 1, n + 1, axis=1)
+        x = x_out[:, 1:]
+      else:
+        x_out = x = jax.lax.dynamic_slice_in_dim(x, start, n, axis=1)
+    else:
+      x_out = x
     hidden = x
+    x = x_out
     if cfg.head == "linear":
       logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), False, "lm_head")(x)
     else:
@@ -336,9 +381,16 @@ class MaskedDiffusionTransformer(nn.Module):
                           (cfg.vocab_size,), cfg.weight_dtype)
         logits = logits + bias.astype(logits.dtype)
     if cfg.shift_logits:
-      logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+      if output_window is not None:
+        logits = logits[:, :-1]
+      else:
+        logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-    return (logits, hidden) if return_hidden else logits
+    outputs = (logits, hidden) if return_hidden else (logits,)
+    if return_cache:
+      outputs = outputs + (KVCache(kv[0], kv[1], jnp.ones((batch, length), bool)
+                                   if attention_mask is None else attention_mask.astype(bool)),)
+    return outputs if len(outputs) > 1 else outputs[0]
 
 
 def check_input_ids(cfg: ModelConfig, input_ids) -> None:

@@ -1,5 +1,9 @@
 """Benchmarks (`make bench`): tables under bench/ as Markdown and CSV.
 
+sampler: the jitted sampler vs an eager per-step Python loop over the same JAX model and
+vs a PyTorch implementation of LLaDA's `generate` on the same weights (tokens must be
+equal), plus Fast-dLLM threshold decoding and KV caching (tokens/s, forward passes, agreement).
+
 train: masked-diffusion training throughput (tokens/s) of the jitted JAX step vs a
 PyTorch implementation of the same loss, model and AdamW update (`transformers` Llama
 with an all-visible mask for the LLaDA shape; BertForMaskedLM for MiniLM), measured in
@@ -103,9 +107,159 @@ def bench_train(out: Path, steps: int = 10) -> list[dict]:
   return rows
 
 
+_LLADA_TO_LLAMA = [("model.transformer.wte.", "model.embed_tokens."), ("model.transformer.ln_f.", "model.norm."),
+                   ("model.transformer.ff_out.", "lm_head."), ("model.transformer.blocks.", "model.layers."),
+                   (".q_proj", ".self_attn.q_proj"), (".k_proj", ".self_attn.k_proj"),
+                   (".v_proj", ".self_attn.v_proj"), (".attn_out", ".self_attn.o_proj"),
+                   (".ff_proj", ".mlp.gate_proj"), (".up_proj", ".mlp.up_proj"), (".ff_out", ".mlp.down_proj"),
+                   (".attn_norm", ".input_layernorm"), (".ff_norm", ".post_attention_layernorm")]
+
+
+def _torch_llama_like(cfg, params):
+  """A `transformers` Llama holding the same weights as our LLaDA-family params (via the HF layout)."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
+  from transformers import LlamaConfig, LlamaForCausalLM  # pylint: disable=import-outside-toplevel
+  from diffrag.models import save_pretrained  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as tmp:
+    save_pretrained(cfg, params, tmp)
+    state = load_file(f"{tmp}/model.safetensors")
+  renamed = {}
+  for name, t in state.items():
+    for a, b in _LLADA_TO_LLAMA:
+      if name.startswith("model.transformer.ff_out.") and a == ".ff_out":
+        continue
+      name = name.replace(a, b)
+    renamed[name] = t
+  llama = LlamaForCausalLM(LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.mlp_dim,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
+      tie_word_embeddings=False, attention_bias=False, attn_implementation="sdpa"))
+  llama.load_state_dict(renamed, strict=True)
+  return llama.eval()
+
+
+def _torch_llada_generate(llama, prompt, *, steps, gen_length, block_length, mask_id):
+  """LLaDA's generate (temperature 0, low_confidence) in PyTorch, batch rows looped for top-k."""
+  import torch  # pylint: disable=import-outside-toplevel
+  x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+  x[:, :prompt.shape[1]] = torch.as_tensor(prompt)
+  full = torch.zeros((x.shape[0], 1, x.shape[1], x.shape[1]))
+  lp, spb = prompt.shape[1], steps // (gen_length // block_length)
+  with torch.no_grad():
+    for nb in range(gen_length // block_length):
+      end = lp + (nb + 1) * block_length
+      m = (x[:, end - block_length:end] == mask_id).sum(1, keepdim=True)
+      ntt = (m // spb).repeat(1, spb) + (torch.arange(spb)[None] < (m % spb)).long()
+      for i in range(spb):
+        mask_index = x == mask_id
+        logits = llama(input_ids=x, attention_mask=full).logits
+        logits[..., mask_id] = -torch.inf
+        x0 = logits.argmax(-1)
+        p = torch.gather(torch.softmax(logits, -1), -1, x0[..., None])[..., 0]
+        p[:, end:] = -torch.inf
+        conf = torch.where(mask_index, p, -torch.inf)
+        x0 = torch.where(mask_index, x0, x)
+        for j in range(x.shape[0]):
+          sel = torch.topk(conf[j], int(ntt[j, i])).indices
+          x[j, sel] = x0[j, sel]
+  return x.numpy()
+
+
+def _eager_generate(model, params, prompt, *, steps, gen_length, block_length, mask_id):
+  """The same algorithm as a per-step Python loop: a jitted forward, eager jnp selection."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  x = jnp.concatenate([jnp.asarray(prompt, jnp.int32),
+                       jnp.full((prompt.shape[0], gen_length), mask_id, jnp.int32)], 1)
+  lp, spb = prompt.shape[1], steps // (gen_length // block_length)
+  pos = jnp.arange(x.shape[1])
+  for nb in range(gen_length // block_length):
+    end = lp + (nb + 1) * block_length
+    m = int(jnp.sum(x[0, end - block_length:end] == mask_id))
+    for i in range(spb):
+      k = m // spb + (i < m % spb)
+      logits = fwd(params, x).at[..., mask_id].set(-jnp.inf)
+      x0 = jnp.argmax(logits, -1)
+      p = jnp.take_along_axis(jax.nn.softmax(logits, -1), x0[..., None], -1)[..., 0]
+      conf = jnp.where((x == mask_id) & (pos < end)[None], p, -jnp.inf)
+      sel = jax.lax.top_k(conf, k)[1]
+      rows = jnp.arange(x.shape[0])[:, None]
+      x = x.at[rows, sel].set(x0[rows, sel])
+  return np.asarray(x)
+
+
+def _timed(fn, repeat=1):
+  t0 = time.perf_counter()
+  out = fn()
+  jax.block_until_ready(out)
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(repeat):
+    out = fn()
+    jax.block_until_ready(out)
+  return out, first, (time.perf_counter() - t0) / repeat
+
+
+def bench_sampler(out: Path, prompt_len: int = 32) -> list[dict]:
+  from diffrag.sampling import transforms as T  # pylint: disable=import-outside-toplevel
+  from diffrag.sampling.sampler import generate  # pylint: disable=import-outside-toplevel
+  rows = []
+  llada = T.llada()
+  # 1. Plain LLaDA generate, batch 1: jit vs eager loop vs PyTorch, equal outputs required.
+  for label, cfg in [("tiny-llada 2x64, V=512", preset("tiny-llada")),
+                     (f"LLaDA-shaped 4x256, V={BENCH_LLADA['vocab_size']}", preset("tiny-llada", **BENCH_LLADA))]:
+    model, params = MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(0))
+    llama = _torch_llama_like(cfg, params)
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size - 1, (1, prompt_len))
+    for gen in (64, 256):
+      kw = dict(steps=gen, gen_length=gen, block_length=32)
+      sample, first, jit_s = _timed(lambda: generate(model, params, prompt, llada, jax.random.key(0), **kw))
+      ours = np.asarray(sample.tokens)
+      t0 = time.perf_counter()
+      eager = _eager_generate(model, params, prompt, mask_id=cfg.mask_token_id, **kw)
+      eager_s = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      ref = _torch_llada_generate(llama, prompt, mask_id=cfg.mask_token_id, **kw)
+      torch_s = time.perf_counter() - t0
+      rows.append({"model": label, "mode": f"LLaDA generate, prompt {prompt_len}, gen {gen}, block 32",
+                   "batch": 1, "tokens_per_s": round(gen / jit_s, 1), "eager_loop_tokens_per_s": round(gen / eager_s, 1),
+                   "torch_tokens_per_s": round(gen / torch_s, 1), "speedup_vs_eager": round(eager_s / jit_s, 2),
+                   "speedup_vs_torch": round(torch_s / jit_s, 2), "forward_passes": int(sample.num_forward),
+                   "same_tokens_as": f"torch {np.mean(ref == ours):.3f}, eager {np.mean(eager == ours):.3f}",
+                   "compile_s": round(first - jit_s, 2)})
+  # 2. Fast-dLLM on a RAG-like shape (long prompt, short answer) vs the plain sampler. The
+  #    random model's head is scaled x20 so that its confidences spread over (0, 1).
+  cfg = preset("tiny-llada", **BENCH_LLADA)
+  model, params = MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(0))
+  params = {**params, "lm_head": jax.tree.map(lambda w: w * 20.0, params["lm_head"])}
+  gen, plen = 128, 512
+  prompts = np.random.default_rng(1).integers(0, cfg.vocab_size - 1, (4, plen))
+  base, _, base_s = _timed(lambda: generate(model, params, prompts, llada, jax.random.key(0), steps=gen,
+                                            gen_length=gen, block_length=32))
+  for name, tr, cache in [("plain top-k (1 token/step)", llada, "none"),
+                          ("threshold 0.9", T.llada(threshold=0.9), "none"),
+                          ("threshold 0.7", T.llada(threshold=0.7), "none"),
+                          ("prefix cache", llada, "prefix"), ("dual cache", llada, "dual"),
+                          ("threshold 0.9 + prefix cache", T.llada(threshold=0.9), "prefix"),
+                          ("threshold 0.9 + dual cache", T.llada(threshold=0.9), "dual")]:
+    steps = gen if tr is llada else gen // 32
+    sample, first, secs = _timed(lambda: generate(model, params, prompts, tr, jax.random.key(0), steps=steps,
+                                                  gen_length=gen, block_length=32, cache=cache))
+    rows.append({"model": f"LLaDA-shaped 4x256 (head x20)", "mode": f"Fast-dLLM {name}, prompt {plen}, gen {gen}",
+                 "batch": prompts.shape[0], "tokens_per_s": round(prompts.shape[0] * gen / secs, 1),
+                 "eager_loop_tokens_per_s": "", "torch_tokens_per_s": "", "speedup_vs_eager": "",
+                 "speedup_vs_torch": "", "forward_passes": int(sample.num_forward),
+                 "same_tokens_as": f"plain {np.mean(np.asarray(sample.tokens)[:, plen:] == np.asarray(base.tokens)[:, plen:]):.3f}",
+                 "compile_s": round(first - secs, 2), "speedup_vs_plain": round(base_s / secs, 2)})
+  return rows
+
+
 def main(out: str = "bench", only: str | None = None) -> None:
   out_dir = Path(out)
-  sections = {"train": bench_train}
+  sections = {"sampler": bench_sampler, "train": bench_train}
   for name, fn in sections.items():
     if only and name != only:
       continue

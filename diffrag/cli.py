@@ -1,4 +1,4 @@
-"""Command line: `diffrag demo | info`.
+"""Command line: `diffrag demo | train | sample | bench | info`.
 
 Names given on the command line are mapped to functions here, once, at the edge.
 """
@@ -89,6 +89,69 @@ def cmd_train(args) -> int:
   return 0
 
 
+def sample_transform(args, family: str):
+  """The ScoreTransform named by the sampling flags (names are mapped to functions here, once)."""
+  from diffrag.sampling import transforms as T
+  if args.alg is not None:
+    if args.remasking is not None or args.cfg_scale:
+      raise ValueError("--alg (Dream's rules) cannot be combined with --remasking/--cfg-scale (LLaDA's)")
+    return T.dream(args.temperature, args.top_p, args.top_k, args.alg, args.alg_temp, threshold=args.threshold)
+  if args.alg_temp is not None or args.top_p is not None or args.top_k is not None:
+    raise ValueError("--alg-temp/--top-p/--top-k belong to Dream's rules: give --alg too")
+  return T.llada(args.temperature, args.cfg_scale, args.remasking or "low_confidence", args.threshold)
+
+
+def _prompt_ids(args, tokenizer_dir):
+  if args.prompt_ids is not None:
+    try:
+      return [[int(t) for t in args.prompt_ids.split(",") if t.strip()]], None
+    except ValueError:
+      raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+  from diffrag.models import load_tokenizer
+  try:
+    tok = load_tokenizer(tokenizer_dir)
+  except Exception as e:  # no tokenizer files in the checkpoint
+    raise ValueError(f"--prompt needs a tokenizer in {tokenizer_dir} ({e}); pass --prompt-ids instead") from None
+  if args.chat and getattr(tok, "chat_template", None):
+    ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                  tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+  else:
+    ids = tok(args.prompt)["input_ids"]
+  return [list(ids)], tok
+
+
+def cmd_sample(args) -> int:
+  import jax
+  if args.temperature > 0 and args.alg is None:
+    jax.config.update("jax_enable_x64", True)  # LLaDA's Gumbel-max noise is float64
+  from diffrag.models import from_pretrained
+  from diffrag.sampling.sampler import generate, truncate_at_eos
+  if not Path(args.checkpoint, "config.json").exists():
+    raise FileNotFoundError(f"no config.json in --checkpoint {args.checkpoint}: give a Hugging Face checkpoint folder")
+  model, params = from_pretrained(args.checkpoint, dtype=args.dtype)
+  transform = sample_transform(args, model.config.family)
+  prompt, tok = _prompt_ids(args, args.checkpoint)
+  t0 = time.perf_counter()
+  out = generate(model, params, prompt, transform, jax.random.key(args.seed), gen_length=args.gen_length,
+                 steps=args.steps, block_length=args.block_length, cache=args.cache, stop_at_eos=args.stop_at_eos)
+  out = jax.device_get(out)
+  seconds = time.perf_counter() - t0
+  gen = out.tokens[:, len(prompt[0]):].tolist()
+  eos = model.config.eos_token_id
+  answers = truncate_at_eos(gen, eos) if eos is not None else gen
+  text = [tok.decode(a, skip_special_tokens=True) for a in answers] if tok is not None else None
+  if args.json:
+    print(json.dumps({"generated_ids": gen, "text": text, "num_forward": int(out.num_forward),
+                      "timing": {"seconds": round(seconds, 4), "includes_compile": True,
+                                 "tokens_per_second": round(args.gen_length / seconds, 2)}}))
+  else:
+    print(text[0] if text is not None else " ".join(map(str, answers[0])))
+    print(f"[{args.gen_length} tokens, {int(out.num_forward)} forward passes, {seconds:.2f}s incl. compile]",
+          file=sys.stderr)
+  return 0
+
+
 def cmd_bench(args) -> int:
   from diffrag import bench
   bench.main(args.out, args.only)
@@ -120,6 +183,30 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--config", required=True, help="YAML config (see configs/)")
   train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 train.steps=50")
   train.set_defaults(fn=cmd_train)
+  sample = sub.add_parser("sample", help="denoise an answer for a prompt with LLaDA / Dream / Fast-dLLM rules")
+  sample.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder")
+  what = sample.add_mutually_exclusive_group(required=True)
+  what.add_argument("--prompt", help="prompt text (tokenised with the checkpoint's tokenizer)")
+  what.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
+  sample.add_argument("--chat", action="store_true", help="wrap --prompt in the tokenizer's chat template")
+  sample.add_argument("--gen-length", type=int, default=128)
+  sample.add_argument("--steps", type=int, default=128)
+  sample.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block (default: gen length)")
+  sample.add_argument("--temperature", type=float, default=0.0)
+  sample.add_argument("--cfg-scale", type=float, default=0.0, help="LLaDA classifier-free guidance (0 = off)")
+  sample.add_argument("--remasking", choices=["low_confidence", "random"], default=None, help="LLaDA's rule")
+  sample.add_argument("--alg", choices=["origin", "maskgit_plus", "topk_margin", "entropy"], default=None,
+                      help="Dream's rule (instead of --remasking)")
+  sample.add_argument("--alg-temp", type=float, default=None, help="Dream: sample positions from softmax(conf/A)")
+  sample.add_argument("--top-p", type=float, default=None)
+  sample.add_argument("--top-k", type=int, default=None)
+  sample.add_argument("--threshold", type=float, default=None, help="Fast-dLLM: commit every token with conf >= TAU")
+  sample.add_argument("--cache", choices=["none", "prefix", "dual"], default="none", help="Fast-dLLM KV cache")
+  sample.add_argument("--stop-at-eos", action="store_true", help="skip the blocks after a finished answer")
+  sample.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  sample.add_argument("--seed", type=int, default=0)
+  sample.add_argument("--json", action="store_true", help="print generated_ids and timing as JSON")
+  sample.set_defaults(fn=cmd_sample)
   bench = sub.add_parser("bench", help="benchmarks; tables under --out")
   bench.add_argument("--out", default="bench")
   bench.add_argument("--only", default=None, help="run one section (train)")

@@ -1,17 +1,28 @@
-"""Reports: tables as Markdown + CSV under an output folder."""
+"""Tables for people (Markdown) and programs (CSV), written side by side under an output folder."""
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 
 def write_table(rows: list[dict], out: Path, name: str) -> str:
-  """Writes rows as Markdown and CSV under `out`; returns the Markdown."""
+  """Writes rows as `name.md` and `name.csv` under `out`; returns the Markdown.
+
+  Columns are the union of the rows' keys in first-seen order; a missing value is blank.
+  """
+  out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  cols = list(rows[0])
+  cols = list(dict.fromkeys(k for r in rows for k in r))
+  cell = lambda r, c: str(r.get(c, ""))
   md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+  md += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
   text = "\n".join(md) + "\n"
   (out / f"{name}.md").write_text(text)
-  (out / f"{name}.csv").write_text(",".join(cols) + "\n" + "\n".join(",".join(str(r[c]) for c in cols) for r in rows) + "\n")
+  buf = io.StringIO()
+  writer = csv.writer(buf)
+  writer.writerow(cols)
+  writer.writerows([[cell(r, c) for c in cols] for r in rows])
+  (out / f"{name}.csv").write_text(buf.getvalue())
   return text

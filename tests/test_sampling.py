@@ -322,3 +322,29 @@ def test_bad_transform_arguments_and_prompts(llada):
   with pytest.raises(ValueError, match="exceeds the model's"):
     generate(bert_model, init_params(bert, jax.random.key(0)), _prompt(length=bert.max_position_embeddings),
              T.llada(), jax.random.key(0), gen_length=8, steps=8)
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def test_cli_sample_json_matches_generate(tmp_path, capsys):
+  import json
+  from diffrag import cli
+  path, _ = hf.llada_checkpoint(tmp_path / "llada", kv_heads=2, seed=3)
+  rc = cli.main(["sample", "--checkpoint", str(path), "--prompt-ids", "5,6,7,8", "--gen-length", "16",
+                 "--steps", "8", "--block-length", "8", "--json"])
+  assert rc == 0
+  got = json.loads(capsys.readouterr().out)
+  model, params = from_pretrained(path)
+  want = generate(model, params, [[5, 6, 7, 8]], T.llada(), jax.random.key(0), gen_length=16, steps=8,
+                  block_length=8)
+  assert got["generated_ids"] == np.asarray(want.tokens)[:, 4:].tolist()
+  assert got["num_forward"] == 8 and got["timing"]["seconds"] > 0
+  rc = cli.main(["sample", "--checkpoint", str(path), "--prompt-ids", "5,6", "--gen-length", "16", "--steps", "8",
+                 "--block-length", "5"])
+  assert rc == 2 and "block_length" in capsys.readouterr().err
+  rc = cli.main(["sample", "--checkpoint", str(path), "--prompt", "hello", "--gen-length", "8", "--steps", "8"])
+  assert rc == 2 and "--prompt-ids" in capsys.readouterr().err
+  rc = cli.main(["sample", "--checkpoint", str(path), "--prompt-ids", "5", "--gen-length", "8", "--steps", "8",
+                 "--threshold", "1.5"])
+  assert rc == 2 and "tau must be in (0, 1]" in capsys.readouterr().err

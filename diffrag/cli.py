@@ -1,4 +1,4 @@
-"""Command line: `diffrag demo | train | sample | bench | info`.
+"""Command line: `diffrag demo | train | sample | rag | bench | info`.
 
 Names given on the command line are mapped to functions here, once, at the edge.
 """
@@ -152,6 +152,18 @@ def cmd_sample(args) -> int:
   return 0
 
 
+def cmd_rag(args) -> int:
+  from diffrag import config as config_lib
+  from diffrag.rag.pipeline import RagConfig, run_rag
+  cfg = config_lib.load(RagConfig, args.config, args.overrides)
+  summary = run_rag(cfg)
+  print(f"\n{cfg.data.dataset}: {summary['counts']['eval']} held-out questions "
+        f"({summary['counts']['without_answers_skipped']} records without answers skipped)\n")
+  print(summary["table"])
+  print(f"predictions, metrics.json, rag.md and plots in {cfg.out_dir}/")
+  return 0
+
+
 def cmd_bench(args) -> int:
   from diffrag import bench
   bench.main(args.out, args.only)
@@ -207,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
   sample.add_argument("--seed", type=int, default=0)
   sample.add_argument("--json", action="store_true", help="print generated_ids and timing as JSON")
   sample.set_defaults(fn=cmd_sample)
+  rag = sub.add_parser("rag", help="retrieval-augmented QA: baseline sampler vs SPREAD, with metrics and drift")
+  rag.add_argument("--config", required=True, help="YAML config (see configs/rag_*.yaml)")
+  rag.add_argument("overrides", nargs="*", help="key=value overrides, e.g. spread.alphas=[0.3,0.7]")
+  rag.set_defaults(fn=cmd_rag)
   bench = sub.add_parser("bench", help="benchmarks; tables under --out")
   bench.add_argument("--out", default="bench")
   bench.add_argument("--only", default=None, help="run one section (train)")

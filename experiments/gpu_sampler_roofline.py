@@ -14,6 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
+import diffrag  # noqa: F401  (sets XLA defaults before JAX starts)
 import jax
 import jax.numpy as jnp
 import numpy as np

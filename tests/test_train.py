@@ -164,3 +164,28 @@ def test_checkpoint_of_a_different_shape_names_the_tensor(tmp_path):
   (tmp_path / "a" / "config.json").write_text(json.dumps(config))
   with pytest.raises(ConfigError, match=r"tensor .*blocks\.0\.(ff_proj|ff_out|up_proj)\.weight. has shape"):
     from_pretrained(tmp_path / "a")
+
+
+def test_loss_window_equals_full_loss_when_it_holds_every_maskable_position():
+  """Pairs: computing logits on the response span only gives the same loss and gradients."""
+  import jax.numpy as jnp
+  from diffrag.diffusion import schedule as schedules
+  from diffrag.models import MaskedDiffusionTransformer, init_params, preset
+  from diffrag.train import step as step_lib
+  cfg = preset("tiny-llada")
+  model, params = MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 500, (4, 24)), jnp.int32)
+  maskable = jnp.zeros((4, 24), bool).at[:, 16:].set(True)
+  optim = OptimConfig(lr=1e-3, warmup_steps=1)
+  tx = step_lib.make_optimizer(optim, 10)
+  state = step_lib.init_state(params, tx, optim, jax.random.key(1))
+  apply = lambda p, x, w=None: model.apply({"params": p}, x, output_window=w)
+  kw = dict(mask_id=cfg.mask_token_id, schedule=schedules.get("linear", 1e-3))
+  full = step_lib.make_train_step(apply, tx, optim, **kw)
+  win = step_lib.make_train_step(apply, tx, optim, loss_window=(16, 8), **kw)
+  batch = {"tokens": tokens, "maskable": maskable}
+  (s1, m1), (s2, m2) = full(state, batch, jax.random.key(2)), win(state, batch, jax.random.key(2))
+  assert abs(float(m1["loss"]) - float(m2["loss"])) < 1e-5 and float(m1["loss"]) > 0
+  assert int(m1["masked_tokens"]) == int(m2["masked_tokens"]) > 0
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), s1.params, s2.params)
+  assert max(jax.tree.leaves(diff)) < 1e-5

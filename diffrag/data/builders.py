@@ -82,3 +82,46 @@ def decode(record: dict) -> dict:
   """bytes -> str for the text features of a TFDS record."""
   return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
 
+
+
+class QADataset(tfds.core.GeneratorBasedBuilder):
+  """Questions, gold answers and shipped passages of a QA set (config name = the data set)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Point the data directory at a folder laid out as readers.QA_FILES."
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    text = tfds.features.Text()
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "id": text, "question": text, "answers": tfds.features.Sequence(text),
+        "passages": tfds.features.Sequence({"id": text, "title": text, "text": text})}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(Path(dl_manager.manual_dir))}
+
+  def _generate_examples(self, root: Path):
+    seen = set()
+    for r in readers.read_qa(root, self.builder_config.name):
+      if r["id"] in seen:
+        raise ValueError(f"duplicate question id {r['id']!r} in {self.builder_config.name}")
+      seen.add(r["id"])
+      yield r["id"], r
+
+
+def qa_records(root: str | os.PathLike, dataset: str, cache_dir: str | os.PathLike = DEFAULT_CACHE) -> list[dict]:
+  """A QA set as python records, through its TFDS builder (prepared once per file version)."""
+  path = readers.qa_file(root, dataset)
+  builder = prepare(QADataset, root, dataset, (str(path.parent.relative_to(Path(root))),), cache_dir)
+  source = builder.as_data_source(split="train")
+  out = []
+  for i in range(len(source)):
+    r = source[i]
+    ps = r["passages"]
+    out.append({"id": _s(r["id"]), "question": _s(r["question"]), "answers": [_s(a) for a in r["answers"]],
+                "passages": [{"id": _s(a), "title": _s(b), "text": _s(c)}
+                             for a, b, c in zip(ps["id"], ps["title"], ps["text"])]})
+  return out
+
+
+def _s(v) -> str:
+  return v.decode("utf-8") if isinstance(v, bytes) else str(v)

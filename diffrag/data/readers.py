@@ -93,3 +93,101 @@ def read_passages(root: str | os.PathLike, source: str) -> list[dict]:
   if source == "musique":
     return read_musique_corpus(path)
   return read_beir_corpus(path.parent)
+
+
+# ----------------------------------------------------------------------------- QA sets
+# Every reader returns [{id, question, answers: [str], passages: [{id, title, text}]}];
+# `passages` are the contexts a data set ships with its questions (empty for open sets).
+
+QA_FILES = {
+    "squad": "squad/squad2_dev_small.json",
+    "musique": "musique/musique_100.json",
+    "nq_open": "nq_open/NQ-open.dev.jsonl",
+    "hotpotqa": "hotpotqa/hotpot_dev_distractor_v1.json",
+    "2wikimultihopqa": "2wikimultihopqa/dev.json",
+    "triviaqa": "triviaqa/unfiltered-web-dev.json",
+    "popqa": "popqa/popQA.tsv",
+}
+
+
+def _json_or_jsonl(path: Path, what: str) -> list[dict]:
+  path = require_file(path, what)
+  text = path.read_text()
+  if text.lstrip().startswith("["):
+    return json.loads(text)
+  if path.suffix == ".jsonl" or "\n{" in text.strip():
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+  return json.loads(text)
+
+
+def read_qa_squad(path) -> list[dict]:
+  import hashlib  # pylint: disable=import-outside-toplevel
+  digest = lambda s: hashlib.sha1(s.encode()).hexdigest()[:10]
+  return [{"id": r["id"], "question": r["question"], "answers": list(dict.fromkeys(r["answers"])),
+           "passages": [{"id": f"squad-{digest(r['context'])}", "title": r["title"], "text": r["context"]}]}
+          for r in read_squad(path)]
+
+
+def read_qa_musique(path) -> list[dict]:
+  """MuSiQue-Ans (json list or jsonl): answer + answer_aliases; its 20 paragraphs per question."""
+  out = []
+  for r in _json_or_jsonl(Path(path), "MuSiQue"):
+    answers = [a for a in [r.get("answer")] + list(r.get("answer_aliases", [])) if a]
+    out.append({"id": r["id"], "question": r["question"], "answers": list(dict.fromkeys(answers)),
+                "passages": [{"id": f"{r['id']}-{p['idx']}", "title": p.get("title", ""), "text": p["paragraph_text"]}
+                             for p in r.get("paragraphs", [])]})
+  return out
+
+
+def read_qa_hotpot(path) -> list[dict]:
+  """HotpotQA / 2WikiMultihopQA: {_id, question, answer, context: [[title, [sentences]]]}."""
+  out = []
+  for r in _json_or_jsonl(Path(path), "HotpotQA/2Wiki"):
+    rid = r.get("_id", r.get("id"))
+    out.append({"id": rid, "question": r["question"], "answers": [r["answer"]] if r.get("answer") else [],
+                "passages": [{"id": f"{rid}-{i}", "title": t, "text": "".join(s)}
+                             for i, (t, s) in enumerate(r.get("context", []))]})
+  return out
+
+
+def read_qa_nq_open(path) -> list[dict]:
+  """NQ-open jsonl {question, answer: [str]} (no passages; ids are line numbers)."""
+  return [{"id": r.get("id", f"nq-{i}"), "question": r["question"], "answers": list(r.get("answer", [])),
+           "passages": []} for i, r in enumerate(read_jsonl(path, "NQ-open"))]
+
+
+def read_qa_triviaqa(path) -> list[dict]:
+  """TriviaQA (rc/unfiltered json {Data: [{QuestionId, Question, Answer: {Value, Aliases}}]})."""
+  raw = json.loads(require_file(path, "TriviaQA").read_text())
+  out = []
+  for r in raw["Data"] if isinstance(raw, dict) else raw:
+    ans = r.get("Answer", {})
+    answers = [a for a in [ans.get("Value")] + list(ans.get("Aliases", [])) if a]
+    out.append({"id": r["QuestionId"], "question": r["Question"], "answers": list(dict.fromkeys(answers)),
+                "passages": []})
+  return out
+
+
+def read_qa_popqa(path) -> list[dict]:
+  """PopQA tsv (columns id, question, possible_answers as a JSON list)."""
+  import csv  # pylint: disable=import-outside-toplevel
+  with open(require_file(path, "PopQA"), newline="") as f:
+    rows = list(csv.DictReader(f, delimiter="\t"))
+  return [{"id": str(r.get("id", i)), "question": r["question"], "answers": json.loads(r["possible_answers"]),
+           "passages": []} for i, r in enumerate(rows)]
+
+
+QA_READERS = {"squad": read_qa_squad, "musique": read_qa_musique, "nq_open": read_qa_nq_open,
+              "hotpotqa": read_qa_hotpot, "2wikimultihopqa": read_qa_hotpot, "triviaqa": read_qa_triviaqa,
+              "popqa": read_qa_popqa}
+
+
+def qa_file(root, dataset: str, file: str | None = None) -> Path:
+  if dataset not in QA_READERS:
+    raise ValueError(f"unknown QA data set {dataset!r}; expected one of {sorted(QA_READERS)}")
+  return require_file(Path(file) if file else Path(root) / QA_FILES[dataset], f"QA data set {dataset!r}")
+
+
+def read_qa(root, dataset: str, file: str | None = None) -> list[dict]:
+  """The records of a QA data set in its released format (see QA_FILES for the default paths)."""
+  return QA_READERS[dataset](qa_file(root, dataset, file))

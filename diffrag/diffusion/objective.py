@@ -54,17 +54,22 @@ def masked_nll(logits: jax.Array, targets: jax.Array, is_masked: jax.Array, weig
 
 
 def diffusion_loss(logits_fn, key: jax.Array, x0: jax.Array, maskable: jax.Array, mask_id: int,
-                   schedule: MaskingSchedule, antithetic: bool = False):
+                   schedule: MaskingSchedule, antithetic: bool = False, window: tuple[int, int] | None = None):
   """One Monte-Carlo draw of the ELBO loss: sample t, corrupt, predict, weight.
 
-  logits_fn: x_t [B, L] -> logits [B, L, V]. Returns (loss, aux) with aux holding the
-  masked-token accuracy and counts for logging.
+  logits_fn: x_t [B, L] -> logits [B, L, V] (with `window=(start, n)`: logits [B, n, V] of
+  positions [start, start + n), which must hold every maskable position, e.g. the response
+  span of prompt -> response pairs; the vocabulary projection then runs on n positions).
+  Returns (loss, aux) with aux holding the masked-token accuracy and counts for logging.
   """
   key_t, key_m = jax.random.split(key)
   t = sample_times(key_t, x0.shape[0], antithetic)
   p_mask = schedule.mask_prob(t)
   xt, is_masked = forward_process(key_m, x0, p_mask, maskable, mask_id)
   logits = logits_fn(xt)
+  if window is not None:
+    start, n = window
+    x0, is_masked, maskable = (a[:, start:start + n] for a in (x0, is_masked, maskable))
   loss = masked_nll(logits, x0, is_masked, schedule.weight(t), maskable)
   correct = (jnp.argmax(logits, axis=-1) == x0) & is_masked
   aux = {"masked_tokens": jnp.sum(is_masked), "correct": jnp.sum(correct)}

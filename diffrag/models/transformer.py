@@ -34,6 +34,7 @@ _CHOICES = {
     "positions": ("rope", "learned"),
     "mlp": ("swiglu", "gelu"),
     "head": ("linear", "tied", "mlm"),
+    "attention_impl": ("auto", "xla", "cudnn"),
 }
 
 
@@ -57,6 +58,8 @@ class ModelConfig:
   rope_fp32: rotate q/k in float32 (LLaDA) or in the compute dtype (Dream).
   dtype / param_dtype: compute and storage dtypes; norm statistics, attention softmax
     and RoPE tables are always float32.
+  attention_impl: "auto" (cuDNN flash attention on GPU for unmasked 16-bit attention,
+    XLA otherwise), "xla" or "cudnn".
   """
 
   family: str
@@ -87,6 +90,7 @@ class ModelConfig:
   causal: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     for field, choices in _CHOICES.items():
@@ -208,6 +212,20 @@ def apply_rope(u: Array, cos: Array, sin: Array, fp32: bool) -> Array:
   return out.astype(dtype)
 
 
+def _attention_impl(cfg: ModelConfig, q: Array, mask) -> str | None:
+  """"cudnn" (fused flash attention) on GPU for 16-bit unmasked attention when
+  attention_impl="auto" (on an H200, LLaDA-8B shape, batch 8 x 512: 96 -> 83 ms per forward);
+  XLA's implementation otherwise."""
+  if cfg.attention_impl == "xla":
+    return "xla"
+  if cfg.attention_impl == "cudnn":
+    return "cudnn"
+  if (jax.default_backend() == "gpu" and mask is None and q.dtype in (jnp.bfloat16, jnp.float16)
+      and q.shape[-1] <= 128):
+    return "cudnn"
+  return None
+
+
 class KVCache(NamedTuple):
   """Keys/values of earlier positions, reused by a forward over a window of the canvas.
 
@@ -247,7 +265,7 @@ class Attention(nn.Module):
       keys = jnp.concatenate([cache[0].astype(k.dtype), k], axis=1)
       values = jnp.concatenate([cache[1].astype(v.dtype), v], axis=1)
     out = jax.nn.dot_product_attention(q, keys, values, mask=mask, is_causal=cfg.causal,
-                                       scale=cfg.head_dim ** -0.5)
+                                       scale=cfg.head_dim ** -0.5, implementation=_attention_impl(cfg, q, mask))
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     return _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), cfg.out_bias, "o", n_in=2)(out), (k, v)
 
@@ -280,6 +298,7 @@ class Block(nn.Module):
 
   cfg: ModelConfig
   collect_kv: bool = False
+  collect_hidden: bool = False
 
   @nn.compact
   def __call__(self, x: Array, rope, mask, cache=None):
@@ -295,7 +314,7 @@ class Block(nn.Module):
       x = norm1(x + a)
       x = norm2(x + mlp(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    return x, (kv if self.collect_kv else None)
+    return x, (kv if self.collect_kv else None, x if self.collect_hidden else None)
 
 
 class MaskedDiffusionTransformer(nn.Module):
@@ -312,7 +331,8 @@ class MaskedDiffusionTransformer(nn.Module):
   outputs. `output_window=(start, n)` computes the head only for window positions
   [start, start + n) (start may be traced, n static): logits [B, n, V], hidden [B, n, D].
   With shifted logits (Dream) position start's logits come from position start - 1, so
-  start must be >= 1.
+  start must be >= 1. `hidden_layer=k` returns the output of layer k (0-based, before any
+  final norm) as `hidden` instead of the last layer after the final norm (-1).
   """
 
   config: ModelConfig
@@ -321,8 +341,11 @@ class MaskedDiffusionTransformer(nn.Module):
   def __call__(self, input_ids: Array, *, attention_mask: Array | None = None,
                positions: Array | None = None, return_hidden: bool = False,
                cache: KVCache | None = None, return_cache: bool = False,
-               output_window: tuple[Any, int] | None = None):
+               output_window: tuple[Any, int] | None = None, hidden_layer: int = -1):
     cfg = self.config
+    if not -1 <= hidden_layer < cfg.num_layers:
+      raise ValueError(f"hidden_layer={hidden_layer}; expected -1 (last layer, after the final norm) "
+                       f"or a layer index in [0, {cfg.num_layers})")
     check_input_ids(cfg, input_ids)
     batch, length = input_ids.shape
     if positions is None:
@@ -355,20 +378,19 @@ class MaskedDiffusionTransformer(nn.Module):
                      in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                      metadata_params={nn.PARTITION_NAME: "layers"})
     layer_cache = None if cache is None else (cache.k, cache.v)
-    x, kv = layers(cfg, collect_kv=return_cache, name="layers")(x, rope, mask, layer_cache)
+    x, (kv, per_layer) = layers(cfg, collect_kv=return_cache, collect_hidden=hidden_layer >= 0,
+                                name="layers")(x, rope, mask, layer_cache)
     if cfg.norm == "rms":
       x = Norm(cfg, name="final_norm")(x)
+    chosen = x if hidden_layer < 0 else per_layer[hidden_layer]
     if output_window is not None:
       start, n = output_window
-      if cfg.shift_logits:  # one extra position on the left feeds the shift below
-        x_out = jax.lax.dynamic_slice_in_dim(x, start - 1, n + 1, axis=1)
-        x = x_out[:, 1:]
-      else:
-        x_out = x = jax.lax.dynamic_slice_in_dim(x, start, n, axis=1)
+      hidden = jax.lax.dynamic_slice_in_dim(chosen, start, n, axis=1)
+      # with shifted logits one extra position on the left feeds the shift below
+      x = jax.lax.dynamic_slice_in_dim(x, start - 1, n + 1, axis=1) if cfg.shift_logits else \
+          jax.lax.dynamic_slice_in_dim(x, start, n, axis=1)
     else:
-      x_out = x
-    hidden = x
-    x = x_out
+      hidden = chosen
     if cfg.head == "linear":
       logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), False, "lm_head")(x)
     else:

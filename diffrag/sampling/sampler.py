@@ -65,6 +65,7 @@ class SampleSpec:
   cache: str = "none"
   stop_at_eos: bool = False
   max_steps_per_block: int | None = None
+  hidden_layer: int = -1
 
   @property
   def num_blocks(self) -> int:
@@ -105,6 +106,9 @@ def check_spec(spec: SampleSpec, model_cfg, transform: ScoreTransform) -> None:
   if model_cfg.positions == "learned" and total > model_cfg.max_position_embeddings:
     raise ValueError(f"prompt ({spec.prompt_len}) + gen_length ({g}) = {total} tokens exceeds the model's "
                      f"{model_cfg.max_position_embeddings} positions: shorten the prompt or gen_length")
+  if not -1 <= spec.hidden_layer < model_cfg.num_layers:
+    raise ValueError(f"hidden_layer={spec.hidden_layer}; expected -1 (last) or a layer index in "
+                     f"[0, {model_cfg.num_layers})")
   if spec.stop_at_eos and model_cfg.eos_token_id is None:
     raise ValueError("stop_at_eos=True needs the model config's eos_token_id")
 
@@ -156,8 +160,8 @@ def _run(params, canvas, attention_mask, key, extras, *, model, transform, spec:
   prompt_index = jnp.arange(length)[None, :] < lp
 
   def forward(ids, s, **kw):
-    out = model.apply({"params": params}, ids, return_hidden=True, output_window=(s, bl), **kw)
-    return out
+    return model.apply({"params": params}, ids, return_hidden=True, output_window=(s, bl),
+                       hidden_layer=spec.hidden_layer, **kw)
 
   def full_forward(canvas, s):
     """Forward over the whole canvas; logits of the block [s, s + bl)."""
@@ -178,7 +182,7 @@ def _run(params, canvas, attention_mask, key, extras, *, model, transform, spec:
     del cache
     logits, hidden, new_cache = model.apply({"params": params}, canvas, attention_mask=attention_mask,
                                             positions=positions, return_hidden=True, return_cache=True,
-                                            output_window=(s, bl))
+                                            output_window=(s, bl), hidden_layer=spec.hidden_layer)
     return logits, hidden, new_cache
 
   def cached(canvas, s, cache):
@@ -196,7 +200,7 @@ def _run(params, canvas, attention_mask, key, extras, *, model, transform, spec:
       c_valid = key_valid & ((idx < qs) | (idx >= qs + win))
     logits, hidden = model.apply({"params": params}, ids, attention_mask=q_valid, positions=q_pos,
                                  return_hidden=True, cache=KVCache(cache.k, cache.v, c_valid),
-                                 output_window=(lb, bl))
+                                 output_window=(lb, bl), hidden_layer=spec.hidden_layer)
     return logits, hidden, cache
 
   def block(b, carry):
@@ -267,7 +271,7 @@ def _run_jit(params, canvas, attention_mask, key, extras, *, model, transform, s
 
 def generate(model, params, prompt, transform: ScoreTransform, key: Array, *, gen_length: int, steps: int,
              block_length: int | None = None, attention_mask=None, cache: str = "none",
-             stop_at_eos: bool = False, max_steps_per_block: int | None = None,
+             stop_at_eos: bool = False, max_steps_per_block: int | None = None, hidden_layer: int = -1,
              extras: dict[str, Any] | None = None, mesh=None, rules=None) -> Sample:
   """Denoises [prompt | MASK * gen_length] with `transform` deciding every step.
 
@@ -280,7 +284,8 @@ def generate(model, params, prompt, transform: ScoreTransform, key: Array, *, ge
   (Fast-dLLM's approximate KV cache, refreshed at every block start); stop_at_eos: once a
   row's finished blocks contain EOS, its later blocks are filled with EOS without running
   (the text up to the first EOS is unchanged); extras: arrays the transforms read (e.g. a
-  query embedding, [B, ...]); mesh/rules: run under a device mesh (batch over `data`,
+  query embedding, [B, ...]); hidden_layer: which layer's states transforms see as
+  `view.hidden` (-1: the last, after the final norm); mesh/rules: run under a device mesh (batch over `data`,
   parameters by the logical-axis rules; shard params beforehand with `param_shardings`).
   Returns a `Sample`.
   """
@@ -290,7 +295,7 @@ def generate(model, params, prompt, transform: ScoreTransform, key: Array, *, ge
     raise ValueError(f"prompt must be [batch, length] token ids, got shape {prompt.shape}")
   batch, lp = prompt.shape
   block_length = gen_length if block_length is None else block_length
-  spec = SampleSpec(lp, gen_length, block_length, steps, cache, stop_at_eos, max_steps_per_block)
+  spec = SampleSpec(lp, gen_length, block_length, steps, cache, stop_at_eos, max_steps_per_block, hidden_layer)
   check_spec(spec, cfg, transform)
   if not isinstance(prompt, jax.core.Tracer):
     host = np.asarray(prompt)

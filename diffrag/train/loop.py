@@ -70,6 +70,7 @@ class LoopSpec:
   keep: int = 3
   out_dir: str = "outputs/train"
   export: bool = True
+  loss_window: list | None = None  # [start, length]: logits and loss on that span only (pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,10 +137,12 @@ def compile_step(model: MaskedDiffusionTransformer, params: dict, cfg: TrainConf
     state = jax.jit(lambda p: step_lib.init_state(p, tx, cfg.optim, key))(params)
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-  step_fn = step_lib.make_train_step(lambda p, x: model.apply({"params": p}, x), tx, cfg.optim,
+  window = None if cfg.train.loss_window is None else tuple(int(v) for v in cfg.train.loss_window)
+  step_fn = step_lib.make_train_step(lambda p, x, w=None: model.apply({"params": p}, x, output_window=w), tx, cfg.optim,
                                      mask_id=model.config.mask_token_id,
                                      schedule=schedules.get(cfg.train.schedule, cfg.train.eps),
-                                     micro_batches=cfg.train.micro_batches, antithetic=cfg.train.antithetic)
+                                     micro_batches=cfg.train.micro_batches, antithetic=cfg.train.antithetic,
+                                     loss_window=window)
   jitted = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, mesh_lib.replicated(mesh)),
                    out_shardings=(state_sharding, mesh_lib.replicated(mesh)), donate_argnums=0)
 

@@ -126,16 +126,21 @@ def init_state(params: dict, tx: optax.GradientTransformation, cfg: OptimConfig,
 
 
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim: OptimConfig, *, mask_id: int,
-                    schedule: schedules.MaskingSchedule, micro_batches: int = 1, antithetic: bool = False):
+                    schedule: schedules.MaskingSchedule, micro_batches: int = 1, antithetic: bool = False,
+                    loss_window: tuple[int, int] | None = None):
   """Returns step(state, batch, key) -> (state, metrics); jit it once.
 
-  apply_fn(params, tokens [B, L]) -> logits [B, L, V]. The batch is split into
+  apply_fn(params, tokens [B, L]) -> logits [B, L, V], or with `loss_window=(start, n)`
+  apply_fn(params, tokens, window) -> logits [B, n, V] of that span (every maskable
+  position must lie inside it: the loss is taken there only). The batch is split into
   `micro_batches` equal slices whose gradients are averaged (lax.scan), then one update.
   """
 
   def loss_fn(trainable, frozen, tokens, maskable, key):
     params = model_params(trainable, frozen, optim)
-    return diffusion_loss(lambda xt: apply_fn(params, xt), key, tokens, maskable, mask_id, schedule, antithetic)
+    logits_fn = (lambda xt: apply_fn(params, xt)) if loss_window is None else \
+        (lambda xt: apply_fn(params, xt, loss_window))
+    return diffusion_loss(logits_fn, key, tokens, maskable, mask_id, schedule, antithetic, loss_window)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation with masked diffusion LMs: prompts, SPREAD, QA metrics, drift."""

@@ -1,0 +1,89 @@
+"""QA metrics (SQuAD v1.1 normalisation) and the response-semantic-drift (RSD) trace.
+
+normalize(s) = lower-case, drop punctuation, drop articles (a, an, the), collapse spaces.
+EM = [normalize(pred) == normalize(gold)]; token precision P = |common| / |pred tokens|,
+recall R = |common| / |gold tokens|, F1 = 2PR / (P + R), with `common` the multiset
+(Counter) intersection as in the official SQuAD script; each is the max over gold aliases.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from typing import Callable, Sequence
+
+import numpy as np
+
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+  s = s.lower()
+  s = "".join(ch for ch in s if ch not in _PUNCT)
+  s = re.sub(r"\b(a|an|the)\b", " ", s)
+  return " ".join(s.split())
+
+
+def _prf(pred: str, gold: str) -> tuple[float, float, float]:
+  p_tok, g_tok = normalize_answer(pred).split(), normalize_answer(gold).split()
+  common = sum((Counter(p_tok) & Counter(g_tok)).values())
+  if not p_tok or not g_tok:  # official script: both empty -> 1, one empty -> 0
+    same = float(p_tok == g_tok)
+    return same, same, same
+  if common == 0:
+    return 0.0, 0.0, 0.0
+  p, r = common / len(p_tok), common / len(g_tok)
+  return p, r, 2 * p * r / (p + r)
+
+
+def qa_scores(pred: str, golds: Sequence[str]) -> dict[str, float]:
+  """EM, precision, recall, F1 (each the max over gold aliases) and answer length in words."""
+  if not golds:
+    raise ValueError("a QA record without gold answers cannot be scored; drop it or give answers")
+  prf = [_prf(pred, g) for g in golds]
+  return {"em": max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds),
+          "precision": max(x[0] for x in prf), "recall": max(x[1] for x in prf), "f1": max(x[2] for x in prf),
+          "length": float(len(normalize_answer(pred).split()))}
+
+
+def copy_rate(pred: str, passages: Sequence[str]) -> float:
+  """Share of the answer's (normalised) word types that occur in the retrieved passages."""
+  words = set(normalize_answer(pred).split())
+  if not words:
+    return 0.0
+  context = set(normalize_answer(" ".join(passages)).split())
+  return len(words & context) / len(words)
+
+
+def drift_curve(query_emb: np.ndarray, step_texts: Sequence[str], embed: Callable[[Sequence[str]], np.ndarray]):
+  """s_t = cos(E(query), E(response committed after step t)), one value per denoising step.
+
+  Steps at which nothing readable has been committed yet give NaN. embed: texts -> unit vectors.
+  """
+  values = np.full(len(step_texts), np.nan, np.float32)
+  idx = [i for i, t in enumerate(step_texts) if t.strip()]
+  if idx:
+    emb = embed([step_texts[i] for i in idx])
+    values[idx] = emb @ query_emb
+  return values
+
+
+def rsd(curve: Sequence[float]) -> dict[str, float]:
+  """Scalar drift summaries of one curve s_t (NaN steps ignored); lower = less drift.
+
+  rsd (the headline, "peak drop"): (max_t s_t - s_T) / max_t s_t, the relative loss of
+    query alignment between the best point of the trajectory and the final answer;
+  first_last: s_first - s_T, from the first non-empty step to the end;
+  area: mean_t (running_max_t - s_t), the area between the curve and its running maximum;
+  final_distance: 1 - s_T, the final answer only.
+  """
+  s = np.asarray(curve, np.float64)
+  s = s[~np.isnan(s)]
+  if s.size == 0:
+    return {"rsd": float("nan"), "first_last": float("nan"), "area": float("nan"), "final_distance": float("nan")}
+  peak = s.max()
+  return {"rsd": float((peak - s[-1]) / peak) if peak > 0 else float("nan"),
+          "first_last": float(s[0] - s[-1]),
+          "area": float(np.mean(np.maximum.accumulate(s) - s)),
+          "final_distance": float(1.0 - s[-1])}

@@ -1,0 +1,8 @@
+"""Retrieval shared by rag/ and gr/: corpora, BM25, dense (MiniLM through the BERT family),
+passage budgets, TREC run files and IR metrics."""
+
+from diffrag.retrieval.corpus import Corpus, cut_passages
+from diffrag.retrieval.bm25 import BM25Retriever
+from diffrag.retrieval.dense import DenseRetriever, MiniLMEncoder
+
+__all__ = ["BM25Retriever", "Corpus", "DenseRetriever", "MiniLMEncoder", "cut_passages"]

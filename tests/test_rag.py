@@ -1,0 +1,214 @@
+"""RAG: QA metrics, retrieval, prompts, SPREAD as a transform, the pipeline end to end."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffrag.models import from_pretrained, load_tokenizer, minilm_path
+from diffrag.rag import metrics as M
+from diffrag.rag.prompts import PromptSpec, build_prompt
+from diffrag.rag.spread import query_representation, relevance, spread
+from diffrag.retrieval import BM25Retriever, Corpus, DenseRetriever, MiniLMEncoder, cut_passages
+from diffrag.sampling import transforms as T
+from diffrag.sampling.sampler import generate
+from tests import hf_fixtures as hf
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_squad_normalisation_and_scores_by_hand():
+  assert M.normalize_answer("The  Eiffel-Tower, in PARIS!") == "eiffeltower in paris"
+  assert M.normalize_answer("an apple a day") == "apple day"
+  s = M.qa_scores("the cat sat on the mat", ["a cat on a mat"])
+  # pred tokens: cat sat on mat (4); gold: cat on mat (3); common 3
+  assert s["precision"] == pytest.approx(3 / 4) and s["recall"] == pytest.approx(1.0)
+  assert s["f1"] == pytest.approx(2 * 0.75 / 1.75) and s["em"] == 0.0 and s["length"] == 4
+  # Counter (multiset) intersection, as the official script: "the the" style repeats count once each
+  s = M.qa_scores("paris paris paris", ["paris"])
+  assert s["precision"] == pytest.approx(1 / 3) and s["recall"] == 1.0
+  # max over aliases, EM after normalisation
+  s = M.qa_scores("The Beatles", ["Rolling Stones", "beatles"])
+  assert s["em"] == 1.0 and s["f1"] == 1.0
+  assert M.qa_scores("", ["x"])["f1"] == 0.0
+  with pytest.raises(ValueError, match="without gold answers"):
+    M.qa_scores("x", [])
+
+
+def test_official_squad_v1_examples():
+  """Cases worked through the official evaluate-v1.1 logic (f1 with Counter overlap)."""
+  cases = [("Denver Broncos", ["Denver Broncos", "Denver Broncos"], 1.0, 1.0),
+           ("the Broncos", ["Denver Broncos"], 0.0, 2 * 1 * 0.5 / 1.5),
+           ("Santa Clara, California", ["Levi's Stadium", "Santa Clara"], 0.0, 2 * (2 / 3) * 1 / (2 / 3 + 1))]
+  for pred, golds, em, f1 in cases:
+    s = M.qa_scores(pred, golds)
+    assert s["em"] == em and s["f1"] == pytest.approx(f1)
+
+
+def test_copy_rate_and_rsd():
+  assert M.copy_rate("Paris is nice", ["I like Paris.", "It is big"]) == pytest.approx(2 / 3)
+  r = M.rsd([np.nan, 0.2, 0.8, 0.6, 0.4])
+  assert r["rsd"] == pytest.approx(0.5) and r["first_last"] == pytest.approx(-0.2)
+  assert r["area"] == pytest.approx(np.mean([0, 0, 0.2, 0.4])) and r["final_distance"] == pytest.approx(0.6)
+  emb = lambda texts: np.stack([np.eye(3)[len(t) % 3] for t in texts])
+  curve = M.drift_curve(np.eye(3)[1], ["", "a", "ab", "abc"], emb)
+  assert np.isnan(curve[0]) and curve[1:].tolist() == [1.0, 0.0, 0.0]
+
+
+# -------------------------------------------------------------------------- retrieval
+
+DOCS = [{"id": "d1", "title": "Volcanoes", "text": "Magma erupts from volcanoes as lava and ash."},
+        {"id": "d2", "title": "Bees", "text": "Honey bees make honey from the nectar of flowers."},
+        {"id": "d3", "title": "Rivers", "text": "The Nile is a long river that flows north into the sea."},
+        {"id": "d4", "title": "Chess", "text": "A chess king moves one square in any direction."}]
+
+
+def test_bm25_and_dense_return_the_right_documents(tmp_path):
+  corpus = Corpus.from_records(DOCS)
+  queries = ["which insects produce honey from nectar", "lava erupting from a volcano", "how does the king move"]
+  idx, scores = BM25Retriever(corpus).search(queries, k=2)
+  assert [corpus.ids[i[0]] for i in idx] == ["d2", "d1", "d4"] and (np.diff(scores, axis=1) <= 0).all()
+  dense = DenseRetriever(corpus, MiniLMEncoder(), cache_dir=tmp_path, progress=False)
+  idx, scores = dense.search(queries, k=4)
+  assert [corpus.ids[i[0]] for i in idx] == ["d2", "d1", "d4"] and (np.diff(scores, axis=1) <= 1e-6).all()
+  assert list(tmp_path.glob("emb-*.npy"))  # cached, keyed by corpus and encoder
+  again = DenseRetriever(corpus, dense.encoder, cache_dir=tmp_path, progress=False)
+  np.testing.assert_array_equal(again.embeddings, dense.embeddings)
+
+
+def test_minilm_embeddings_match_sentence_transformers_recipe():
+  """Mean pooling of BertModel's last hidden state over real tokens, L2-normalised (PyTorch)."""
+  import torch
+  from transformers import BertModel
+  texts = ["a short one", "a somewhat longer sentence about rivers and seas"]
+  ours = MiniLMEncoder(batch_size=4).encode(texts)
+  tok = load_tokenizer(minilm_path())
+  bert = BertModel.from_pretrained(str(minilm_path()), local_files_only=True).eval()
+  enc = tok(texts, padding=True, return_tensors="pt")
+  with torch.no_grad():
+    h = bert(**enc).last_hidden_state
+  m = enc["attention_mask"][..., None].float()
+  ref = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).numpy()
+  assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_corpus_and_query_errors():
+  with pytest.raises(ValueError, match="duplicate document ids"):
+    Corpus.from_records(DOCS + [DOCS[0]])
+  with pytest.raises(ValueError, match="empty"):
+    Corpus.from_records([])
+  with pytest.raises(ValueError, match="neither title nor text"):
+    Corpus.from_records([{"id": "x", "title": "", "text": " "}])
+  with pytest.raises(ValueError, match="empty query"):
+    BM25Retriever(Corpus.from_records(DOCS)).search(["  "])
+  assert cut_passages(["abcdef", "gh", "ij"], k=2, max_chars=3) == ["abc", "gh"]
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def test_prompt_fits_the_window_by_cutting_the_lowest_ranked_passage_first():
+  tok = load_tokenizer(minilm_path())
+  spec = PromptSpec(chat=False, max_prompt_tokens=40)
+  passages = ["first passage " * 5, "second passage " * 30, "third passage " * 30]
+  ids, kept = build_prompt(tok, spec, "what is it?", passages)
+  assert len(ids) <= 40 and kept == 2
+  text = tok.decode(ids)
+  assert "first passage" in text and "question : what is it?" in text and text.endswith("answer :")
+  with pytest.raises(ValueError, match="question alone"):
+    build_prompt(tok, PromptSpec(chat=False, max_prompt_tokens=5), "a question that is much too long", [])
+  with pytest.raises(ValueError, match="empty question"):
+    build_prompt(tok, spec, " ", passages)
+
+
+# ----------------------------------------------------------------------------- SPREAD
+
+
+@pytest.fixture(scope="module")
+def llada(tmp_path_factory):
+  path, _ = hf.llada_checkpoint(tmp_path_factory.mktemp("llada"), kv_heads=2, seed=5)
+  return from_pretrained(path)
+
+
+def _spread_run(model, params, alpha, steps=12):
+  prompt = np.random.default_rng(0).integers(2, 300, (2, 9))
+  query = np.random.default_rng(1).integers(2, 300, (2, 5))
+  h_q = query_representation(model, params, query, np.ones_like(query))
+  tr = T.chain(T.greedy(), T.low_confidence(), *([spread(alpha)] if alpha is not None else []), T.commit_top_k())
+  return generate(model, params, prompt, tr, jax.random.key(0), gen_length=12, steps=steps,
+                  extras={"query_hidden": h_q}), prompt, h_q
+
+
+def test_spread_alpha_zero_is_exactly_the_baseline(llada):
+  model, params = llada
+  base, _, _ = _spread_run(model, params, None)
+  zero, _, _ = _spread_run(model, params, 0.0)
+  half, _, _ = _spread_run(model, params, 0.5)
+  np.testing.assert_array_equal(np.asarray(base.tokens), np.asarray(zero.tokens))
+  np.testing.assert_array_equal(np.asarray(base.commit_step), np.asarray(zero.commit_step))
+  assert not np.array_equal(np.asarray(base.commit_step), np.asarray(half.commit_step))
+
+
+def test_spread_alpha_one_commits_in_order_of_relevance(llada):
+  """One token per step: each step commits the masked position whose hidden state is most query-relevant."""
+  model, params = llada
+  out, prompt, h_q = _spread_run(model, params, 1.0)
+  mask_id = model.config.mask_token_id
+  tokens, cs = np.asarray(out.tokens), np.asarray(out.commit_step)
+  for t in range(4):
+    canvas = np.concatenate([prompt, np.where(cs < t, tokens[:, 9:], mask_id)], axis=1)
+    _, hidden = model.apply({"params": params}, canvas, return_hidden=True)
+    r = np.array(relevance(hidden[:, 9:], h_q))
+    r[canvas[:, 9:] != mask_id] = -np.inf
+    np.testing.assert_array_equal(np.argmax(r, -1), np.argmax(cs == t, -1))
+
+
+def test_spread_bad_switches():
+  with pytest.raises(ValueError, match="alpha must be in"):
+    spread(1.5)
+  with pytest.raises(ValueError, match="pooling"):
+    spread(0.5, pooling="sum")
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def _squad_file(root):
+  paras = [("The Nile is the longest river in Africa and flows north into the Mediterranean Sea.",
+            [("Which sea does the Nile flow into?", "the Mediterranean Sea"), ("Where is the Nile?", "Africa")]),
+           ("Honey bees collect nectar from flowers and turn it into honey inside the hive.",
+            [("What do bees collect from flowers?", "nectar"), ("Where is honey made?", "inside the hive")]),
+           ("Mount Etna is an active volcano on the island of Sicily in Italy.",
+            [("Which island is Mount Etna on?", "Sicily"), ("Is Etna active?", "")])]
+  data = [{"title": f"T{i}", "paragraphs": [{"context": c, "qas": [
+      {"id": f"q{i}{j}", "question": q, "is_impossible": not a,
+       "answers": [{"text": a, "answer_start": c.find(a)}] if a else []} for j, (q, a) in enumerate(qs)]}]}
+          for i, (c, qs) in enumerate(paras)]
+  (root / "squad").mkdir(parents=True)
+  (root / "squad" / "squad2_dev_small.json").write_text(json.dumps({"data": data}))
+
+
+def test_rag_pipeline_end_to_end_and_resume(tmp_path):
+  from diffrag import config as config_lib
+  from diffrag.rag.pipeline import RagConfig, run_rag
+  _squad_file(tmp_path / "data")
+  over = [f"data.data_dir={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'tfds'}", "data.holdout=0.5",
+          "retrieval.retriever=bm25", "retrieval.k=2", "reader.train_steps=2", "reader.batch_size=2",
+          f"reader.out_dir={tmp_path / 'reader'}", "prompt.chat=false", "prompt.max_prompt_tokens=48",
+          "generation.gen_length=8", "generation.steps=8", "generation.batch_size=2", "spread.alphas=[0.5]",
+          f"out_dir={tmp_path / 'out'}"]
+  cfg = config_lib.load(RagConfig, None, over)
+  summary = run_rag(cfg, progress=False)
+  assert summary["counts"]["without_answers_skipped"] == 1
+  n = summary["counts"]["eval"]
+  lines = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+  assert len(lines) == 2 * n and {x["method"] for x in lines} == {"baseline", "spread_a0.5"}
+  for x in lines:
+    assert len(x["drift_curve"]) == x["forward_passes"] == 8 and len(x["passage_ids"]) == 2
+  assert {r["method"] for r in summary["methods"]} == {"baseline", "spread_a0.5"}
+  assert (tmp_path / "out" / "rag.md").exists() and (tmp_path / "out" / "drift.png").exists()
+  again = run_rag(cfg, progress=False)  # resume: nothing is generated twice
+  assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 2 * n
+  assert again["methods"][0]["f1"] == summary["methods"][0]["f1"]

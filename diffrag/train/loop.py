@@ -171,7 +171,7 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
         progress: bool = True) -> TrainResult:
   """Trains (or resumes) per `cfg`. `batches` replaces the configured data (tests);
   `stop_after` ends the run early at that step, as a kill would (after its checkpoint)."""
-  out = Path(cfg.train.out_dir)
+  out = Path(cfg.train.out_dir).resolve()  # Orbax needs absolute paths
   out.mkdir(parents=True, exist_ok=True)
   root_key = jax.random.key(cfg.train.seed)
   model, params, tokenizer = build_model(cfg.model, jax.random.fold_in(root_key, 1))

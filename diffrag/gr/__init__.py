@@ -1,0 +1,1 @@
+"""Generative retrieval by masked diffusion (DiffuGR): DocIDs, constraints, decoding, pipeline."""

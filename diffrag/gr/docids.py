@@ -1,0 +1,168 @@
+"""Document identifiers as fixed-length token canvases, and their inverse.
+
+Linguistic DocIDs: the title (or the first `max_tokens` tokens of the text when there is
+no title), tokenised with the reader's tokenizer, cut to the canvas and EOS-padded.
+Duplicates are made unique by a suffix rule: the k-th document (in corpus order) whose
+DocID is already taken gets " [k]" appended, the title being cut further so that the
+suffix fits; k counts up until the DocID is free.
+
+Learnt DocIDs (residual quantisation, as TIGER's semantic IDs): document embeddings are
+quantised by residual k-means, L levels of K codes:
+    r_0 = e;  c_l = argmin_k ||r_{l-1} - mu_{l,k}||;  r_l = r_{l-1} - mu_{l,c_l}
+and a last "collision" level numbers the documents that share the same L codes (0, 1, ...)
+so that every code is unique. Each (level, code) is one new vocabulary token:
+token(l, k) = base + l * K + k, the collision level using base + L * K + j.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DocIDTable:
+  """codes: [N, Lc] int token ids (every row unique); doc_ids: the N corpus ids, same order."""
+
+  codes: np.ndarray
+  doc_ids: tuple[str, ...]
+  kind: str
+  stats: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if len(self.doc_ids) != self.codes.shape[0]:
+      raise ValueError("DocIDTable: one code row per document")
+    rows = {tuple(r) for r in self.codes.tolist()}
+    if len(rows) != len(self.doc_ids):
+      raise ValueError("DocIDTable: codes are not unique")
+
+  @property
+  def length(self) -> int:
+    return self.codes.shape[1]
+
+  def lookup(self) -> dict[tuple[int, ...], int]:
+    return {tuple(r): i for i, r in enumerate(self.codes.tolist())}
+
+  def decode(self, canvases) -> np.ndarray:
+    """[M, Lc] generated canvases -> [M] document index, -1 where the canvas is no DocID."""
+    table = self.lookup()
+    return np.asarray([table.get(tuple(r), -1) for r in np.asarray(canvases).tolist()], np.int64)
+
+
+def linguistic_docids(titles: Sequence[str], texts: Sequence[str], doc_ids: Sequence[str], tokenizer, *,
+                      max_tokens: int = 16, eos_id: int) -> DocIDTable:
+  """Titles (or leading text tokens) as DocIDs, cut to max_tokens, EOS-padded, made unique."""
+  if max_tokens < 2:
+    raise ValueError(f"docid max_tokens must be >= 2, got {max_tokens}")
+  enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+  taken: dict[tuple[int, ...], int] = {}
+  codes = np.full((len(doc_ids), max_tokens), eos_id, np.int64)
+  suffixed = 0
+  for i, (title, text) in enumerate(zip(titles, texts)):
+    source = (title or "").strip() or (text or "").strip()
+    if not source:
+      raise ValueError(f"document {doc_ids[i]!r} has neither title nor text: it cannot get a DocID")
+    base = enc(source)[:max_tokens - 1]  # keep one EOS: the model learns where the DocID ends
+    toks, k = list(base), 1
+    while tuple(toks) in taken:
+      k += 1
+      suffix = enc(f" [{k}]")
+      toks = base[:max_tokens - 1 - len(suffix)] + suffix
+    if k > 1:
+      suffixed += 1
+    taken[tuple(toks)] = i
+    codes[i, :len(toks)] = toks
+  return DocIDTable(codes, tuple(doc_ids), "linguistic",
+                    {"documents": len(doc_ids), "suffixed_duplicates": suffixed, "canvas": max_tokens})
+
+
+@jax.jit
+def _assign(x, centroids):
+  d = jnp.sum(x * x, 1)[:, None] - 2 * x @ centroids.T + jnp.sum(centroids * centroids, 1)[None, :]
+  return jnp.argmin(d, axis=1)
+
+
+def kmeans(x: np.ndarray, k: int, *, iters: int = 25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Lloyd's k-means (k-means++ seeding): (centroids [k, D], assignment [N]). Empty clusters keep
+  their previous centroid."""
+  rng = np.random.default_rng(seed)
+  n = x.shape[0]
+  k = min(k, n)
+  centroids = [x[rng.integers(n)]]
+  d2 = np.sum((x - centroids[0]) ** 2, 1)
+  for _ in range(1, k):
+    probs = d2 / d2.sum() if d2.sum() > 0 else np.full(n, 1.0 / n)
+    c = x[rng.choice(n, p=probs)]
+    centroids.append(c)
+    d2 = np.minimum(d2, np.sum((x - c) ** 2, 1))
+  cen = jnp.asarray(np.stack(centroids), jnp.float32)
+  xj = jnp.asarray(x, jnp.float32)
+  for _ in range(iters):
+    a = _assign(xj, cen)
+    one = jax.nn.one_hot(a, k, dtype=jnp.float32)
+    counts = one.sum(0)
+    new = (one.T @ xj) / jnp.maximum(counts, 1.0)[:, None]
+    cen = jnp.where(counts[:, None] > 0, new, cen)
+  return np.asarray(cen), np.asarray(_assign(xj, cen))
+
+
+def rq_docids(embeddings: np.ndarray, doc_ids: Sequence[str], *, levels: int = 3, codes: int = 256,
+              base_token: int, iters: int = 25, seed: int = 0) -> DocIDTable:
+  """Residual k-means codes + a collision level; tokens base_token + l * codes + c."""
+  if levels < 1 or codes < 2:
+    raise ValueError(f"rq docids need levels >= 1 and codes >= 2, got {levels}, {codes}")
+  residual = np.asarray(embeddings, np.float32)
+  assign = np.zeros((residual.shape[0], levels), np.int64)
+  usage = []
+  for level in range(levels):
+    centroids, a = kmeans(residual, codes, iters=iters, seed=seed + level)
+    assign[:, level] = a
+    residual = residual - centroids[a]
+    usage.append(len(np.unique(a)) / codes)
+  groups = defaultdict(list)
+  for i, row in enumerate(map(tuple, assign.tolist())):
+    groups[row].append(i)
+  collision = np.zeros(len(doc_ids), np.int64)
+  for members in groups.values():
+    collision[members] = np.arange(len(members))
+  tokens = base_token + np.arange(levels)[None, :] * codes + assign
+  tokens = np.concatenate([tokens, base_token + levels * codes + collision[:, None]], axis=1)
+  shared = sum(len(m) for m in groups.values() if len(m) > 1)
+  stats = {"documents": len(doc_ids), "levels": levels, "codes": codes,
+           "codebook_usage": [round(u, 4) for u in usage], "collision_rate": round(shared / len(doc_ids), 4),
+           "max_collision_index": int(collision.max()), "new_tokens": levels * codes + int(collision.max()) + 1}
+  return DocIDTable(tokens, tuple(doc_ids), "rq", stats)
+
+
+def extend_vocab(cfg, params: dict, n_new: int, seed: int = 0):
+  """Adds n_new tokens at the end of the vocabulary: (new config, new params).
+
+  New embedding rows (and untied output rows) are the mean of the pretrained rows plus
+  small noise (std 0.01 of the rows' std), so they start as 'an average token' that
+  training can tell apart; MLM output biases start at the mean bias.
+  """
+  if n_new <= 0:
+    return cfg, params
+  rng = np.random.default_rng(seed)
+
+  def grow(table, axis):
+    table = np.asarray(table)
+    mean = table.mean(axis=axis, keepdims=True)
+    shape = list(table.shape)
+    shape[axis] = n_new
+    noise = rng.normal(0, 0.01 * float(table.std()), shape).astype(table.dtype)
+    return jnp.asarray(np.concatenate([table, np.broadcast_to(mean, shape) + noise], axis=axis))
+
+  params = jax.tree_util.tree_map(lambda x: x, params)  # shallow copy of the nesting
+  params = dict(params)
+  params["embed"] = dict(params["embed"], embedding=grow(params["embed"]["embedding"], 0))
+  if "lm_head" in params:
+    params["lm_head"] = dict(params["lm_head"], kernel=grow(params["lm_head"]["kernel"], 1))
+  if "mlm_bias" in params:
+    params["mlm_bias"] = grow(params["mlm_bias"], 0)
+  return cfg.replace(vocab_size=cfg.vocab_size + n_new), params

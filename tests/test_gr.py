@@ -1,0 +1,137 @@
+"""Generative retrieval: DocIDs, constraints under any commit order, top-k, IR metrics, learning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diffrag.gr.constraints import allowed_tokens_mask, consistent_docs, docid_allowed, docid_repair
+from diffrag.gr.docids import DocIDTable, extend_vocab, kmeans, linguistic_docids, rq_docids
+from diffrag.models import load_tokenizer, minilm_path, preset, init_params
+from diffrag.retrieval import trec
+from diffrag.sampling import transforms as T
+
+TITLES = ["Cats", "Dogs", "Cats", "", "A very long title about the history of the river Nile and its floods", "Cats"]
+TEXTS = ["c1", "d", "c2", "Leading words of a document that has no title at all", "n", "c3"]
+
+
+def test_linguistic_docids_unique_and_invertible():
+  tok = load_tokenizer(minilm_path())
+  ids = [f"d{i}" for i in range(len(TITLES))]
+  table = linguistic_docids(TITLES, TEXTS, ids, tok, max_tokens=8, eos_id=tok.sep_token_id)
+  assert table.codes.shape == (6, 8) and table.stats["suffixed_duplicates"] == 2
+  assert len({tuple(r) for r in table.codes.tolist()}) == 6
+  np.testing.assert_array_equal(table.decode(table.codes), np.arange(6))
+  texts = [tok.decode([t for t in r if t != tok.sep_token_id]) for r in table.codes]
+  assert texts[0] == "cats" and texts[2] == "cats [ 2 ]" and texts[5] == "cats [ 3 ]"
+  assert texts[3].startswith("leading words")  # no title: leading tokens
+  assert (table.codes[:, -1] == tok.sep_token_id).all()  # always ends in EOS
+  assert table.decode([[1] * 8])[0] == -1
+  with pytest.raises(ValueError, match="neither title nor text"):
+    linguistic_docids(["", "x"], ["  ", "y"], ["a", "b"], tok, eos_id=102)
+
+
+def test_rq_docids_unique_with_collision_level():
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(200, 16)).astype(np.float32)
+  emb[1] = emb[0]  # identical documents collide on every level
+  table = rq_docids(emb, [f"d{i}" for i in range(200)], levels=2, codes=8, base_token=1000, iters=10)
+  assert table.codes.shape == (200, 3)
+  assert len({tuple(r) for r in table.codes.tolist()}) == 200
+  assert (table.codes[:, 0] >= 1000).all() and (table.codes[:, 0] < 1008).all()
+  assert (table.codes[:, 1] >= 1008).all() and (table.codes[:, 2] >= 1016).all()
+  np.testing.assert_array_equal(table.codes[0, :2], table.codes[1, :2])
+  assert sorted(table.codes[[0, 1], 2] - 1016) == [0, 1]
+  assert 0 < table.stats["collision_rate"] <= 1 and len(table.stats["codebook_usage"]) == 2
+  np.testing.assert_array_equal(table.decode(table.codes[::-1]), np.arange(200)[::-1])
+
+
+def test_kmeans_finds_separated_clusters():
+  rng = np.random.default_rng(1)
+  centers = np.array([[0, 0], [10, 10], [-10, 10]], np.float32)
+  x = np.concatenate([c + rng.normal(scale=0.1, size=(30, 2)) for c in centers]).astype(np.float32)
+  cen, a = kmeans(x, 3, iters=10)
+  assert len(set(a[:30])) == len(set(a[30:60])) == len(set(a[60:])) == 1 and len(set(a)) == 3
+
+
+def test_extend_vocab_adds_mean_rows():
+  cfg = preset("tiny-bert")
+  params = init_params(cfg, jax.random.key(0))
+  new_cfg, new = extend_vocab(cfg, params, 5)
+  assert new_cfg.vocab_size == cfg.vocab_size + 5 and new["embed"]["embedding"].shape[0] == cfg.vocab_size + 5
+  np.testing.assert_allclose(new["embed"]["embedding"][-1], params["embed"]["embedding"].mean(0), atol=0.01)
+  assert new["mlm_bias"].shape == (cfg.vocab_size + 5,)
+
+
+# ------------------------------------------------------------------------ constraints
+
+
+def _view(canvas, logits, mask_id):
+  canvas = jnp.asarray(canvas, jnp.int32)
+  return T.StepView(logits=logits, hidden=None, canvas=canvas, is_masked=canvas == mask_id, candidates=canvas,
+                    score=jnp.full(canvas.shape, -jnp.inf), commit=jnp.zeros(canvas.shape, bool),
+                    step=jnp.int32(0), num_steps=canvas.shape[1], extras={})
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), per_step=st.integers(1, 4), score=st.sampled_from(["conf", "random"]))
+def test_constrained_decoding_always_yields_a_valid_docid(seed, per_step, score):
+  """Random logits, random or confidence commit order, several commits per step: always a DocID."""
+  rng = np.random.default_rng(seed)
+  vocab, mask_id, lc = 12, 11, 5
+  codes = np.unique(rng.integers(0, 6, size=(40, lc)), axis=0)
+  table = DocIDTable(codes, tuple(f"d{i}" for i in range(len(codes))), "test")
+  chain = T.chain(docid_allowed(table), T.greedy(), T.low_confidence() if score == "conf" else T.random_score(),
+                  T.commit_top_k(lambda v: jnp.full((v.canvas.shape[0],), per_step)), docid_repair(table))
+  canvas = jnp.full((3, lc), mask_id, jnp.int32)
+  key = jax.random.key(seed)
+  for _ in range(lc * 2):
+    key, k1, k2 = jax.random.split(key, 3)
+    logits = jax.random.normal(k1, (3, lc, vocab)) * 3
+    view, _ = chain.update(_view(canvas, logits, mask_id), chain.init(None), k2)
+    assert bool(jnp.all(jnp.any(view.commit, -1) | ~jnp.any(view.is_masked, -1)))  # progress
+    canvas = jnp.where(view.commit, view.candidates, canvas)
+    # the partial canvas always stays consistent with at least one DocID
+    assert bool(jnp.all(jnp.any(consistent_docs(jnp.asarray(codes), canvas, canvas == mask_id), -1)))
+  assert (table.decode(np.asarray(canvas)) >= 0).all()
+
+
+def test_allowed_mask_by_hand():
+  codes = jnp.asarray([[1, 2, 3], [1, 4, 5], [6, 2, 3]])
+  canvas = jnp.asarray([[9, 2, 9]])
+  cons = consistent_docs(codes, canvas, canvas == 9)
+  assert cons.tolist() == [[True, False, True]]
+  allowed = allowed_tokens_mask(codes, cons, 10)
+  assert np.nonzero(np.asarray(allowed[0, 0]))[0].tolist() == [1, 6]
+  assert np.nonzero(np.asarray(allowed[0, 2]))[0].tolist() == [3]
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_trec_run_and_metrics_by_hand(tmp_path):
+  run = {"q1": [("a", 3.0), ("b", 2.0), ("c", 1.0)], "q2": [("x", 1.0), ("y", 0.5)], "q9": [("a", 1.0)]}
+  trec.write_run(tmp_path / "run.trec", run)
+  lines = (tmp_path / "run.trec").read_text().splitlines()
+  assert lines[0] == "q1 Q0 a 1 3.000000 diffrag" and len(lines) == 6
+  got = trec.read_run(tmp_path / "run.trec")
+  qrels = {"q1": {"b": 1, "c": 1}, "q2": {"z": 1}, "q3": {"a": 1}}
+  m = trec.evaluate(got, qrels, (1, 2, 10), (1, 10), known_docs={"a", "b", "c", "x", "y"})
+  # q1: R@1 0, R@2 1/2, R@10 1, MRR 1/2; q2: 0; q3 missing: 0
+  assert m["recall@1"] == 0 and m["recall@2"] == pytest.approx(0.5 / 3) and m["recall@10"] == pytest.approx(1 / 3)
+  assert m["mrr@10"] == pytest.approx(0.5 / 3) and m["mrr@1"] == 0
+  assert m["queries_missing_from_run"] == 1 and m["run_queries_without_qrels"] == 1
+  assert m["unknown_docids_in_run"] == 0
+  # cross-check with ranx
+  import ranx
+  r = ranx.Run({q: {d: float(10 - i) for i, d in enumerate(ds)} for q, ds in got.items() if q in qrels})
+  q = ranx.Qrels({k: v for k, v in qrels.items() if k in got})
+  ref = ranx.evaluate(q, r, ["recall@2", "mrr@10"])
+  ours = trec.evaluate({k: v for k, v in got.items() if k in qrels}, {k: v for k, v in qrels.items() if k in got},
+                       (2,), (10,))
+  assert ours["recall@2"] == pytest.approx(ref["recall@2"]) and ours["mrr@10"] == pytest.approx(ref["mrr@10"])
+  (tmp_path / "bad.trec").write_text("q1 a 1 2\n")
+  with pytest.raises(ValueError, match="6 columns"):
+    trec.read_run(tmp_path / "bad.trec")

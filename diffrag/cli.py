@@ -1,4 +1,4 @@
-"""Command line: `diffrag demo | train | sample | rag | bench | info`.
+"""Command line: `diffrag demo | train | sample | rag | gr | bench | info`.
 
 Names given on the command line are mapped to functions here, once, at the edge.
 """
@@ -140,6 +140,19 @@ def cmd_rag(args) -> int:
   return 0
 
 
+def cmd_gr(args) -> int:
+  from diffrag import config as config_lib
+  from diffrag.gr.pipeline import GRConfig, run_gr
+  cfg = config_lib.load(GRConfig, args.config, args.overrides)
+  summary = run_gr(cfg)
+  c = summary["counts"]
+  print(f"\n{cfg.data.dataset}: {c['eval_queries']} queries, {c['documents']} documents, {cfg.docids.kind} DocIDs "
+        f"({c['eval_queries_dropped_relevant_not_in_corpus']} queries dropped: relevant document not in corpus)\n")
+  print(summary["table"])
+  print(f"run.trec ({summary['default_run']}), run_<mode>.trec, metrics.json, gr.md and plots in {cfg.out_dir}/")
+  return 0
+
+
 def cmd_bench(args) -> int:
   from diffrag import bench
   bench.main(args.out, args.only)
@@ -196,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
   rag.add_argument("--config", required=True, help="YAML config (see configs/rag_*.yaml)")
   rag.add_argument("overrides", nargs="*", help="key=value overrides, e.g. spread.alphas=[0.3,0.7]")
   rag.set_defaults(fn=cmd_rag)
+  gr = sub.add_parser("gr", help="generative retrieval by diffusion (DiffuGR): train, decode, TREC runs, metrics")
+  gr.add_argument("--config", required=True, help="YAML config (see configs/gr_*.yaml)")
+  gr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. docids.kind=rq decode.beam=20")
+  gr.set_defaults(fn=cmd_gr)
   bench = sub.add_parser("bench", help="benchmarks; tables under --out")
   bench.add_argument("--out", default="bench")
   bench.add_argument("--only", default=None, help="run one section (train)")

@@ -76,6 +76,25 @@ def diffusion_loss(logits_fn, key: jax.Array, x0: jax.Array, maskable: jax.Array
   return loss, aux
 
 
+def ar_loss(logits_fn, key: jax.Array, x0: jax.Array, maskable: jax.Array, window: tuple[int, int] | None = None):
+  """Next-token cross-entropy for the autoregressive baseline (same transformer, causal mask).
+
+  loss = (1/B) sum_b sum_i maskable_bi * (-log p(x_0^bi | x_0^{<i})) / n_b, on clean input;
+  the model must be causal with shifted logits (logits[:, i] computed at position i - 1).
+  Same normalisation as `masked_nll`; aux counts every maskable token as "masked".
+  """
+  del key
+  logits = logits_fn(x0)
+  if window is not None:
+    start, n = window
+    x0, maskable = x0[:, start:start + n], maskable[:, start:start + n]
+  nll = token_nll(logits, x0) * maskable
+  n_b = jnp.maximum(jnp.sum(maskable, axis=-1), 1).astype(jnp.float32)
+  loss = jnp.mean(jnp.sum(nll, axis=-1) / n_b)
+  correct = (jnp.argmax(logits, axis=-1) == x0) & maskable
+  return loss, {"masked_tokens": jnp.sum(maskable), "correct": jnp.sum(correct)}
+
+
 def stratified_mask_counts(key: jax.Array, n: jax.Array, group: int) -> jax.Array:
   """LLaDA's stratified number of masked tokens for one group of `group` MC samples.
 

@@ -71,6 +71,7 @@ class LoopSpec:
   out_dir: str = "outputs/train"
   export: bool = True
   loss_window: list | None = None  # [start, length]: logits and loss on that span only (pairs)
+  objective: str = "diffusion"     # diffusion (masked-NLL) | ar (next-token CE, causal model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +143,7 @@ def compile_step(model: MaskedDiffusionTransformer, params: dict, cfg: TrainConf
                                      mask_id=model.config.mask_token_id,
                                      schedule=schedules.get(cfg.train.schedule, cfg.train.eps),
                                      micro_batches=cfg.train.micro_batches, antithetic=cfg.train.antithetic,
-                                     loss_window=window)
+                                     loss_window=window, objective=cfg.train.objective)
   jitted = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, mesh_lib.replicated(mesh)),
                    out_shardings=(state_sharding, mesh_lib.replicated(mesh)), donate_argnums=0)
 
@@ -168,13 +169,16 @@ class TrainResult:
 
 
 def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: int | None = None,
-        progress: bool = True) -> TrainResult:
-  """Trains (or resumes) per `cfg`. `batches` replaces the configured data (tests);
-  `stop_after` ends the run early at that step, as a kill would (after its checkpoint)."""
+        progress: bool = True, initial: tuple | None = None) -> TrainResult:
+  """Trains (or resumes) per `cfg`. `batches` replaces the configured data (tests, pairs);
+  `stop_after` ends the run early at that step, as a kill would (after its checkpoint);
+  `initial=(model, params, tokenizer)` starts from those instead of `cfg.model` (e.g. a
+  model whose vocabulary was extended with DocID tokens)."""
   out = Path(cfg.train.out_dir).resolve()  # Orbax needs absolute paths
   out.mkdir(parents=True, exist_ok=True)
   root_key = jax.random.key(cfg.train.seed)
-  model, params, tokenizer = build_model(cfg.model, jax.random.fold_in(root_key, 1))
+  model, params, tokenizer = initial if initial is not None else \
+      build_model(cfg.model, jax.random.fold_in(root_key, 1))
   data = batches if batches is not None else corpus_batches(cfg, tokenizer, model.config)
 
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from diffrag.diffusion import schedule as schedules
-from diffrag.diffusion.objective import diffusion_loss
+from diffrag.diffusion.objective import ar_loss, diffusion_loss
 
 # Kernels that LoRA adapts, with the number of input axes of each (after the layer axis).
 LORA_TARGETS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1, "wi": 1, "wo": 1}
@@ -127,12 +127,14 @@ def init_state(params: dict, tx: optax.GradientTransformation, cfg: OptimConfig,
 
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim: OptimConfig, *, mask_id: int,
                     schedule: schedules.MaskingSchedule, micro_batches: int = 1, antithetic: bool = False,
-                    loss_window: tuple[int, int] | None = None):
+                    loss_window: tuple[int, int] | None = None, objective: str = "diffusion"):
   """Returns step(state, batch, key) -> (state, metrics); jit it once.
 
   apply_fn(params, tokens [B, L]) -> logits [B, L, V], or with `loss_window=(start, n)`
   apply_fn(params, tokens, window) -> logits [B, n, V] of that span (every maskable
-  position must lie inside it: the loss is taken there only). The batch is split into
+  position must lie inside it: the loss is taken there only). objective: "diffusion"
+  (masked-NLL ELBO) or "ar" (next-token CE of a causal, shifted-logit model: the
+  autoregressive baseline). The batch is split into
   `micro_batches` equal slices whose gradients are averaged (lax.scan), then one update.
   """
 
@@ -140,8 +142,12 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
     params = model_params(trainable, frozen, optim)
     logits_fn = (lambda xt: apply_fn(params, xt)) if loss_window is None else \
         (lambda xt: apply_fn(params, xt, loss_window))
+    if objective == "ar":
+      return ar_loss(logits_fn, key, tokens, maskable, loss_window)
     return diffusion_loss(logits_fn, key, tokens, maskable, mask_id, schedule, antithetic, loss_window)
 
+  if objective not in ("diffusion", "ar"):
+    raise ValueError(f"objective={objective!r}; expected 'diffusion' or 'ar'")
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, batch: dict, key: jax.Array):

@@ -18,23 +18,35 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def cmd_demo(args) -> int:
-  """The main job on the real data: a MiniLM masked-diffusion reader on SQuAD, baseline vs SPREAD."""
+  """The main job on the real data: RAG with SPREAD on SQuAD, then generative retrieval on SciFact."""
   from diffrag import config as config_lib
   from diffrag.data import data_dir
+  from diffrag.gr.pipeline import GRConfig, run_gr
   from diffrag.rag.pipeline import RagConfig, run_rag
   root = data_dir(args.data_dir)
-  over = [f"data.data_dir={root}", f"out_dir={args.out}/rag"] + list(args.overrides)
-  cfg = config_lib.load(RagConfig, CONFIGS / "rag_minilm_squad.yaml", over)
-  print(f"RAG demo: {cfg.data.dataset} from {root}; {cfg.retrieval.retriever} retrieval (top {cfg.retrieval.k}); "
-        f"MiniLM masked-diffusion reader fine-tuned for {cfg.reader.train_steps} steps; answers of "
-        f"{cfg.generation.gen_length} tokens in {cfg.generation.steps} steps; SPREAD alphas {cfg.spread.alphas}")
-  summary = run_rag(cfg)
-  c = summary["counts"]
-  print(f"\nBaseline vs SPREAD on {c['eval']} held-out SQuAD questions (reader trained on {c['train']}; "
-        f"{c['without_answers_skipped']} unanswerable records skipped). Precision/recall/F1/EM in %, "
-        "RSD = relative drop of cos(query, answer so far) from its peak to the end:\n")
-  print(summary["table"])
-  print(f"tables, predictions and plots in {cfg.out_dir}/")
+  tables = []
+  if args.only in (None, "rag"):
+    cfg = config_lib.load(RagConfig, CONFIGS / "rag_minilm_squad.yaml",
+                          [f"data.data_dir={root}", f"out_dir={args.out}/rag"] + list(args.rag))
+    print(f"[1/2] RAG: {cfg.data.dataset} from {root}; {cfg.retrieval.retriever} retrieval (top {cfg.retrieval.k}); "
+          f"MiniLM masked-diffusion reader fine-tuned for {cfg.reader.train_steps} steps; answers of "
+          f"{cfg.generation.gen_length} tokens in {cfg.generation.steps} steps; SPREAD alphas {cfg.spread.alphas}")
+    summary = run_rag(cfg)
+    c = summary["counts"]
+    tables.append(f"Baseline vs SPREAD on {c['eval']} held-out SQuAD questions (reader trained on {c['train']}; "
+                  f"{c['without_answers_skipped']} unanswerable records skipped). EM/precision/recall/F1 in %; "
+                  "RSD = relative drop of cos(question, answer so far) from its peak to the end "
+                  f"(outputs in {cfg.out_dir}/):\n\n" + summary["table"])
+  if args.only in (None, "gr"):
+    cfg = config_lib.load(GRConfig, CONFIGS / "gr_minilm_scifact.yaml",
+                          [f"data.data_dir={root}", f"out_dir={args.out}/gr"] + list(args.gr))
+    print(f"[2/2] Generative retrieval: {cfg.data.dataset}, {cfg.docids.kind} DocIDs, MiniLM diffusion retriever "
+          f"({cfg.train.steps} steps) and its autoregressive twin ({cfg.train.ar_steps} steps)")
+    summary = run_gr(cfg)
+    c = summary["counts"]
+    tables.append(f"DiffuGR on SciFact: {c['eval_queries']} test queries, {c['documents']} documents; recall/MRR "
+                  f"in %, latency per query on this CPU (outputs in {cfg.out_dir}/):\n\n" + summary["table"])
+  print("\n" + "\n\n".join(tables))
   return 0
 
 
@@ -175,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
   demo = sub.add_parser("demo", help="the main job on the real data in --data-dir")
   demo.add_argument("--data-dir", default=None, help="data sets folder (default $DIFFRAG_DATA_DIR or ../shared/data)")
   demo.add_argument("--out", default="outputs/demo", help="folder for tables and plots")
-  demo.add_argument("overrides", nargs="*", help="key=value overrides of configs/rag_minilm_squad.yaml")
+  demo.add_argument("--only", choices=["rag", "gr"], default=None, help="run one half of the demo")
+  demo.add_argument("--rag", nargs="*", default=[], help="key=value overrides of configs/rag_minilm_squad.yaml")
+  demo.add_argument("--gr", nargs="*", default=[], help="key=value overrides of configs/gr_minilm_scifact.yaml")
   demo.set_defaults(fn=cmd_demo)
   train = sub.add_parser("train", help="train / fine-tune a masked diffusion LM (resumes if checkpoints exist)")
   train.add_argument("--config", required=True, help="YAML config (see configs/)")

@@ -26,3 +26,21 @@ def write_table(rows: list[dict], out: Path, name: str) -> str:
   writer.writerows([[cell(r, c) for c in cols] for r in rows])
   (out / f"{name}.csv").write_text(buf.getvalue())
   return text
+
+
+def pyplot():
+  """matplotlib.pyplot with the file-only Agg backend (no display needed)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def save_figure(fig, path: str | Path, legend_size: int | None = None) -> None:
+  """Legend (on every axis with labels), tight layout, PNG at 120 dpi, figure closed."""
+  for ax in fig.axes:
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=legend_size)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  pyplot().close(fig)

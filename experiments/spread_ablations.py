@@ -15,7 +15,7 @@ from pathlib import Path
 
 from diffrag import config as config_lib
 from diffrag.rag.pipeline import RagConfig, run_rag
-from diffrag.report import write_table
+from diffrag.report import pyplot, save_figure, write_table
 
 SWEEPS = {
     "alpha": ("spread.alphas", [[0.1, 0.3, 0.5, 0.7, 1.0]]),
@@ -54,9 +54,7 @@ def main() -> None:
 
 
 def _plot(rows, sweep, path):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(5, 3.2))
   for method in dict.fromkeys(r["method"] if sweep != "alpha" else "all" for r in rows):
     pts = [r for r in rows if sweep == "alpha" or r["method"] == method]
@@ -65,10 +63,7 @@ def _plot(rows, sweep, path):
     ax.plot(xs, [r["f1"] for r in pts], "s--", label=f"{method} F1")
   ax.set_xlabel(sweep)
   ax.set_ylabel("%")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ def test_copy_rate_and_rsd():
   assert r["rsd"] == pytest.approx(0.5) and r["first_last"] == pytest.approx(-0.2)
   assert r["area"] == pytest.approx(np.mean([0, 0, 0.2, 0.4])) and r["final_distance"] == pytest.approx(0.6)
   emb = lambda texts: np.stack([np.eye(3)[len(t) % 3] for t in texts])
-  curve = M.drift_curve(np.eye(3)[1], ["", "a", "ab", "abc"], emb)
-  assert np.isnan(curve[0]) and curve[1:].tolist() == [1.0, 0.0, 0.0]
+  curves = M.drift_curves(np.eye(3)[[1, 2]], [["", "a", "ab", "abc"], ["ab", ""]], emb)
+  assert np.isnan(curves[0][0]) and curves[0][1:].tolist() == [1.0, 0.0, 0.0]
+  assert curves[1][0] == 1.0 and np.isnan(curves[1][1])
 
 
 # -------------------------------------------------------------------------- retrieval

@@ -23,7 +23,7 @@ import numpy as np
 
 from diffrag.gr import decode as D
 from diffrag.gr.docids import DocIDTable, extend_vocab, linguistic_docids, rq_docids
-from diffrag.report import write_table
+from diffrag.report import pyplot, save_figure, write_table
 from diffrag.retrieval import trec
 
 
@@ -289,9 +289,7 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
 
 
 def _plots(out: Path, rows, curves) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = pyplot()
   if curves:
     fig, ax = plt.subplots(1, 2, figsize=(8, 3.2))
     for constrained in (True, False):
@@ -304,10 +302,7 @@ def _plots(out: Path, rows, curves) -> None:
     ax[0].set_ylabel("Recall@1 (%)")
     ax[1].set_xlabel("denoising steps T")
     ax[1].set_ylabel("ms / query")
-    ax[0].legend()
-    fig.tight_layout()
-    fig.savefig(out / "quality_latency.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "quality_latency.png")
   fig, ax = plt.subplots(figsize=(7, 3.2))
   names = [r["method"] for r in rows]
   ax.bar(range(len(rows)), [r["recall@1"] for r in rows], label="R@1")
@@ -316,7 +311,4 @@ def _plots(out: Path, rows, curves) -> None:
   ax.set_xticks(range(len(rows)))
   ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
   ax.set_ylabel("%")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(out / "modes.png", dpi=120)
-  plt.close(fig)
+  save_figure(fig, out / "modes.png")

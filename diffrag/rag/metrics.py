@@ -56,17 +56,21 @@ def copy_rate(pred: str, passages: Sequence[str]) -> float:
   return len(words & context) / len(words)
 
 
-def drift_curve(query_emb: np.ndarray, step_texts: Sequence[str], embed: Callable[[Sequence[str]], np.ndarray]):
-  """s_t = cos(E(query), E(response committed after step t)), one value per denoising step.
+def drift_curves(query_emb: np.ndarray, step_texts: Sequence[Sequence[str]],
+                 embed: Callable[[Sequence[str]], np.ndarray]) -> list[np.ndarray]:
+  """s_t = cos(E(query), E(response committed after step t)), one curve per query.
 
-  Steps at which nothing readable has been committed yet give NaN. embed: texts -> unit vectors.
+  query_emb: [Q, D] unit vectors; step_texts[q][t]: the response text after step t;
+  embed: texts -> unit vectors (all non-empty texts are embedded in one call). Steps at
+  which nothing readable has been committed yet give NaN.
   """
-  values = np.full(len(step_texts), np.nan, np.float32)
-  idx = [i for i, t in enumerate(step_texts) if t.strip()]
-  if idx:
-    emb = embed([step_texts[i] for i in idx])
-    values[idx] = emb @ query_emb
-  return values
+  flat = [(q, t, text) for q, texts in enumerate(step_texts) for t, text in enumerate(texts) if text.strip()]
+  curves = [np.full(len(texts), np.nan, np.float32) for texts in step_texts]
+  if flat:
+    emb = embed([text for _, _, text in flat])
+    for (q, t, _), e in zip(flat, emb):
+      curves[q][t] = float(e @ query_emb[q])
+  return curves
 
 
 def rsd(curve: Sequence[float]) -> dict[str, float]:

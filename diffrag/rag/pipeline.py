@@ -21,7 +21,7 @@ import numpy as np
 from diffrag.rag import metrics as M
 from diffrag.rag.prompts import PromptSpec, build_prompt
 from diffrag.rag.spread import query_representation, spread, unit_entropy
-from diffrag.report import write_table
+from diffrag.report import pyplot, save_figure, write_table
 from diffrag.sampling import transforms as T
 from diffrag.sampling.sampler import generate, truncate_at_eos
 
@@ -63,6 +63,7 @@ class GenerationSpec:
   confidence: str = "prob"        # prob (LLaDA low_confidence / Dream maskgit_plus) | margin | entropy
   threshold: float | None = None
   stop_at_eos: bool = False       # SPREAD's paper runs all steps without EOS handling
+  cache: str = "none"             # none | prefix | dual (Fast-dLLM; approximate, same for every method)
   batch_size: int = 8
   seed: int = 0
 
@@ -250,7 +251,8 @@ def run_rag(cfg: RagConfig, progress: bool = True) -> dict:
   timing = {name: 0.0 for name, _ in methods}
   bs = cfg.generation.batch_size
   gen_kw = dict(gen_length=g, steps=cfg.generation.steps, block_length=cfg.generation.block_length,
-                stop_at_eos=cfg.generation.stop_at_eos, hidden_layer=cfg.spread.hidden_layer)
+                stop_at_eos=cfg.generation.stop_at_eos, hidden_layer=cfg.spread.hidden_layer,
+                cache=cfg.generation.cache)
   with open(out / "predictions.jsonl", "a") as sink:
     for start in tqdm(range(0, len(evals), bs), desc="rag", disable=not progress):
       batch = evals[start:start + bs]
@@ -277,12 +279,13 @@ def run_rag(cfg: RagConfig, progress: bool = True) -> dict:
           timing[f"{name}_first_batch"] = time.perf_counter() - t0
         gen_ids = sample.tokens[:, spec.max_prompt_tokens:]
         answers = truncate_at_eos(gen_ids, eos)
+        curves = _drift(encoder, tok, [r["question"] for r in batch], gen_ids, sample.commit_step, eos,
+                        mcfg.mask_token_id, int(sample.num_forward)) if encoder is not None else [[]] * len(batch)
         for i, r in enumerate(batch):
           if (name, r["id"]) in done:
             continue
           pred = tok.decode(answers[i], skip_special_tokens=True).strip()
-          curve = _drift(encoder, tok, r["question"], gen_ids[i], sample.commit_step[i], eos, mcfg.mask_token_id,
-                         int(sample.num_forward)) if encoder is not None else []
+          curve = curves[i]
           rec = {"method": name, "id": r["id"], "question": r["question"], "answers": r["answers"],
                  "passage_ids": [p["id"] for p in passages[r["id"]]], "prediction": pred,
                  "drift_curve": [None if np.isnan(v) else round(float(v), 5) for v in curve],
@@ -293,20 +296,24 @@ def run_rag(cfg: RagConfig, progress: bool = True) -> dict:
   return summarize(cfg, done, passages, methods, counts, timing)
 
 
-def _drift(encoder, tok, question, gen_ids, commit_step, eos, mask_id, steps):
-  """s_t for t = 0..steps-1: cos(E(question), E(answer text committed by step t, up to EOS))."""
+def _drift(encoder, tok, questions, gen_ids, commit_step, eos, mask_id, steps):
+  """Per question, the drift curve over forward passes t = 0..steps-1 of the text committed
+  by step t (up to a committed EOS)."""
   texts = []
-  for t in range(steps):
-    ids = [int(x) if 0 <= c <= t else None for x, c in zip(gen_ids, commit_step)]
-    words = []
-    for x in ids:
-      if x == eos:
-        break
-      if x is not None and x != mask_id:
-        words.append(x)
-    texts.append(tok.decode(words, skip_special_tokens=True))
-  q = encoder.encode([question])[0]
-  return M.drift_curve(q, texts, encoder.encode)
+  for row, cs in zip(gen_ids[:len(questions)], commit_step[:len(questions)]):
+    per_step = []
+    for t in range(steps):
+      words = []
+      for x, c in zip(row.tolist(), cs.tolist()):
+        if not 0 <= c <= t:
+          continue
+        if x == eos:
+          break
+        if x != mask_id:
+          words.append(x)
+      per_step.append(tok.decode(words, skip_special_tokens=True))
+    texts.append(per_step)
+  return M.drift_curves(encoder.encode(list(questions)), texts, encoder.encode)
 
 
 def _read_done(path: Path) -> dict:
@@ -362,9 +369,7 @@ def _summarize(cfg: RagConfig, done: dict, passages, methods, counts, timing) ->
 
 
 def _plots(out: Path, curves: dict, rows: list[dict]) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = pyplot()
   if curves:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name, c in curves.items():
@@ -372,10 +377,7 @@ def _plots(out: Path, curves: dict, rows: list[dict]) -> None:
     ax.set_xlabel("denoising step")
     ax.set_ylabel("cos(query, committed answer)")
     ax.set_title("semantic drift (mean over questions)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "drift.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "drift.png")
   if len(rows) > 1:
     fig, ax = plt.subplots(figsize=(4, 3))
     pts = sorted((r["alpha"], r["precision"], r["f1"]) for r in rows)
@@ -383,7 +385,4 @@ def _plots(out: Path, curves: dict, rows: list[dict]) -> None:
     ax.plot([p[0] for p in pts], [p[2] for p in pts], "s--", label="F1")
     ax.set_xlabel("SPREAD alpha (0 = baseline)")
     ax.set_ylabel("%")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "alpha.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "alpha.png")

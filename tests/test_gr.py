@@ -193,3 +193,44 @@ def test_a_tiny_diffusion_retriever_learns_to_retrieve_50_documents():
                                        batch=25)[0]]
   assert hits >= 0.8, f"beam top-1 retrieved {hits:.2f} of the documents"
   assert np.mean(np.asarray(first) == np.arange(50)) >= 0.7
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def _beir(root):
+  import json
+  docs = [("d1", "Cats purr", "Cats purr when content."), ("d2", "Dogs bark", "Dogs bark at strangers."),
+          ("d3", "Bees", "Bees make honey."), ("d4", "", "A document without a title about rivers."),
+          ("d5", "Cats purr", "A second page titled like the first.")]
+  (root / "qrels").mkdir(parents=True)
+  (root / "corpus.jsonl").write_text("\n".join(json.dumps({"_id": i, "title": t, "text": x}) for i, t, x in docs))
+  queries = {"q1": "why do cats purr", "q2": "dogs and strangers", "q3": "who makes honey", "q4": "rivers",
+             "q5": "a query about a missing document"}
+  (root / "queries.jsonl").write_text("\n".join(json.dumps({"_id": k, "text": v}) for k, v in queries.items()))
+  (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\nq3\td3\t1\n")
+  (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq4\td4\t1\nq1\td1\t1\nq5\tnope\t1\n")
+
+
+def test_gr_pipeline_end_to_end_counts_bad_records(tmp_path):
+  import json
+  from diffrag import config as config_lib
+  from diffrag.gr.pipeline import GRConfig, run_gr
+  _beir(tmp_path / "data" / "toy")
+  over = [f"data.data_dir={tmp_path / 'data'}", "data.dataset=toy", "train.steps=2", "train.ar_steps=2",
+          "train.batch_size=4", "train.query_tokens=8", f"train.out_dir={tmp_path / 'ret'}", "docids.max_tokens=6",
+          "decode.steps=[1,6]", "decode.pseudo_beam=2", "decode.beam=2", "decode.one_pass=3",
+          "decode.batch_size=4", "baselines=[bm25]", f"out_dir={tmp_path / 'out'}"]
+  summary = run_gr(config_lib.load(GRConfig, None, over), progress=False)
+  assert summary["counts"]["eval_queries"] == 2 and summary["counts"]["eval_queries_dropped_relevant_not_in_corpus"] == 1
+  assert json.loads((tmp_path / "out" / "docids.json").read_text())["suffixed_duplicates"] == 1
+  methods = {r["method"] for r in summary["methods"]}
+  assert {"bm25", "diffusion_T1", "diffusion_T6_constrained", "pseudo_beam_B2", "beam_B2", "one_pass_top3",
+          "ar_beam_B2"} <= methods
+  for r in summary["methods"]:
+    if r["method"].endswith("_constrained") or r["method"].startswith(("beam", "ar_beam", "one_pass")):
+      assert r["invalid_%"] in (0, 0.0)
+  lines = (tmp_path / "out" / "run.trec").read_text().splitlines()
+  assert lines and all(len(x.split()) == 6 for x in lines)
+  m = trec.evaluate({"q1": ["d1", "ghost"]}, {"q1": {"d1": 1}}, known_docs={"d1"})
+  assert m["unknown_docids_in_run"] == 1 and m["recall@1"] == 1.0

@@ -75,7 +75,7 @@ def _view(canvas, logits, mask_id):
                     step=jnp.int32(0), num_steps=canvas.shape[1], extras={})
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10_000), per_step=st.integers(1, 4), score=st.sampled_from(["conf", "random"]))
 def test_constrained_decoding_always_yields_a_valid_docid(seed, per_step, score):
   """Random logits, random or confidence commit order, several commits per step: always a DocID."""
@@ -88,6 +88,8 @@ def test_constrained_decoding_always_yields_a_valid_docid(seed, per_step, score)
   canvas = jnp.full((3, lc), mask_id, jnp.int32)
   key = jax.random.key(seed)
   for _ in range(lc * 2):
+    if not bool(jnp.any(canvas == mask_id)):
+      break
     key, k1, k2 = jax.random.split(key, 3)
     logits = jax.random.normal(k1, (3, lc, vocab)) * 3
     view, _ = chain.update(_view(canvas, logits, mask_id), chain.init(None), k2)

@@ -213,3 +213,31 @@ def test_rag_pipeline_end_to_end_and_resume(tmp_path):
   again = run_rag(cfg, progress=False)  # resume: nothing is generated twice
   assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 2 * n
   assert again["methods"][0]["f1"] == summary["methods"][0]["f1"]
+
+
+def test_qa_readers_for_every_released_format(tmp_path):
+  from diffrag.data.readers import QA_FILES, read_qa
+  files = {
+      "musique": [{"id": "m1", "question": "Q?", "answer": "A", "answer_aliases": ["a1"],
+                   "paragraphs": [{"idx": 0, "title": "T", "paragraph_text": "P", "is_supporting": True}]}],
+      "hotpotqa": [{"_id": "h1", "question": "Q?", "answer": "yes", "context": [["T", ["s1 ", "s2"]]]}],
+      "2wikimultihopqa": [{"_id": "w1", "question": "Q?", "answer": "B", "context": [["T", ["x"]]]}],
+      "triviaqa": {"Data": [{"QuestionId": "t1", "Question": "Q?", "Answer": {"Value": "V", "Aliases": ["v", "V"]}}]},
+  }
+  for name, data in files.items():
+    path = tmp_path / QA_FILES[name]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+  (tmp_path / "nq_open").mkdir()
+  (tmp_path / QA_FILES["nq_open"]).write_text('{"question": "q", "answer": ["a", "b"]}\n')
+  (tmp_path / "popqa").mkdir()
+  (tmp_path / QA_FILES["popqa"]).write_text('id\tquestion\tpossible_answers\n7\twho?\t["x", "y"]\n')
+  got = {name: read_qa(tmp_path, name)[0] for name in list(files) + ["nq_open", "popqa"]}
+  assert got["musique"]["answers"] == ["A", "a1"] and got["musique"]["passages"][0]["text"] == "P"
+  assert got["hotpotqa"]["passages"][0]["text"] == "s1 s2" and got["2wikimultihopqa"]["answers"] == ["B"]
+  assert got["triviaqa"]["answers"] == ["V", "v"] and got["nq_open"]["answers"] == ["a", "b"]
+  assert got["popqa"] == {"id": "7", "question": "who?", "answers": ["x", "y"], "passages": []}
+  with pytest.raises(ValueError, match="unknown QA data set"):
+    read_qa(tmp_path, "webqa")
+  with pytest.raises(FileNotFoundError, match="squad"):
+    read_qa(tmp_path, "squad")

@@ -190,4 +190,5 @@ def qa_file(root, dataset: str, file: str | None = None) -> Path:
 
 def read_qa(root, dataset: str, file: str | None = None) -> list[dict]:
   """The records of a QA data set in its released format (see QA_FILES for the default paths)."""
-  return QA_READERS[dataset](qa_file(root, dataset, file))
+  path = qa_file(root, dataset, file)
+  return QA_READERS[dataset](path)

@@ -47,6 +47,13 @@ class DocIDSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class GRModel:
+  checkpoint: str | None = None    # a Hugging Face LLaDA / Dream folder; None = the MiniLM warm start
+  dtype: str = "float32"
+  lora_rank: int = 0               # > 0: train LoRA adapters only (7B/8B backbones)
+
+
+@dataclasses.dataclass(frozen=True)
 class GRTrain:
   steps: int = 400
   batch_size: int = 32
@@ -74,6 +81,7 @@ class GRDecode:
 @dataclasses.dataclass(frozen=True)
 class GRConfig:
   data: GRData = GRData()
+  model: GRModel = GRModel()
   docids: DocIDSpec = DocIDSpec()
   train: GRTrain = GRTrain()
   decode: GRDecode = GRDecode()
@@ -143,14 +151,13 @@ def _train(cfg: GRConfig, model, params, tok, prompts_q, prompts_d, pairs, table
   from diffrag.train.loop import LoopSpec, MeshSpec, TrainConfig, run  # pylint: disable=import-outside-toplevel
   from diffrag.train.step import OptimConfig  # pylint: disable=import-outside-toplevel
   p, lc = cfg.train.query_tokens, table.length
-  eos = tok.sep_token_id
   ex = []
   for _ in range(cfg.train.query_repeat):
-    ex += [_pair(prompts_q[q], table.codes[d], p, lc, eos) for q, d in pairs]
+    ex += [_pair(prompts_q[q], table.codes[d], p, lc) for q, d in pairs]
   if cfg.train.indexing:
-    ex += [_pair(prompts_d[d], table.codes[d], p, lc, eos) for d in range(len(table.doc_ids))]
+    ex += [_pair(prompts_d[d], table.codes[d], p, lc) for d in range(len(table.doc_ids))]
   tcfg = TrainConfig(optim=OptimConfig(lr=cfg.train.lr, warmup_steps=max(1, steps // 20), schedule="cosine",
-                                       weight_decay=0.01, b2=0.98),
+                                       weight_decay=0.01, b2=0.98, lora_rank=cfg.model.lora_rank),
                      train=LoopSpec(steps=steps, batch_size=cfg.train.batch_size, log_every=25,
                                     checkpoint_every=steps, out_dir=out_dir, export=False, loss_window=[p, lc],
                                     objective=objective),
@@ -163,7 +170,7 @@ def _train(cfg: GRConfig, model, params, tok, prompts_q, prompts_d, pairs, table
   return result.model, result.state.params
 
 
-def _pair(prompt, code, p, lc, eos):
+def _pair(prompt, code, p, lc):
   return {"tokens": np.concatenate([prompt, code]).astype(np.int32),
           "maskable": np.concatenate([np.zeros(p, bool), np.ones(lc, bool)])}
 
@@ -187,16 +194,19 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   counts = {"documents": len(corpus), "train_queries": len(train_qrels), "eval_queries": len(eval_ids),
             "train_queries_dropped_relevant_not_in_corpus": dropped_train,
             "eval_queries_dropped_relevant_not_in_corpus": dropped_eval}
-  tok = load_tokenizer(minilm_path())
+  source = cfg.model.checkpoint or minilm_path()
+  tok = load_tokenizer(source)
   encoder = None
   if cfg.docids.kind == "rq" or "dense" in cfg.baselines:
     encoder = MiniLMEncoder()
     dense = DenseRetriever(corpus, encoder, cache_dir=cfg.cache_dir, progress=progress)
-  model, params = from_pretrained(minilm_path(), init_missing_head=True)
+  model, params = from_pretrained(source, dtype=cfg.model.dtype, init_missing_head=cfg.model.checkpoint is None)
   vocab = model.config.vocab_size
+  eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.sep_token_id
+  pad = model.config.pad_token_id if model.config.pad_token_id is not None else (tok.pad_token_id or eos)
   if cfg.docids.kind == "linguistic":
     table = linguistic_docids(corpus.titles, corpus.texts, corpus.ids, tok, max_tokens=cfg.docids.max_tokens,
-                              eos_id=tok.sep_token_id)
+                              eos_id=eos)
   elif cfg.docids.kind == "rq":
     table = rq_docids(dense.embeddings, corpus.ids, levels=cfg.docids.levels, codes=cfg.docids.codes,
                       base_token=vocab, seed=cfg.docids.seed)
@@ -206,7 +216,6 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
     raise ValueError(f"docids.kind={cfg.docids.kind!r}; expected linguistic or rq")
   (out / "docids.json").write_text(json.dumps({"kind": table.kind, **table.stats}, indent=2))
   p = cfg.train.query_tokens
-  pad = tok.pad_token_id
   prompts_q = {q: row for q, row in zip(queries, _prompts(tok, list(queries.values()), p, pad))}
   prompts_d = _prompts(tok, [corpus.document(i) for i in range(len(corpus))], p, pad)
   pairs = [(q, index[d]) for q, rel in sorted(train_qrels.items()) for d in rel]

@@ -72,6 +72,7 @@ class GRDecode:
   unconstrained: bool = True       # also decode without the constraint (reports the invalid share)
   pseudo_beam: int = 10            # samples per query (0 = off)
   pseudo_beam_temperature: float = 1.0
+  pseudo_beam_steps: int = 4       # T of each sampled decoding
   beam: int = 10                   # beam over denoising states (0 = off)
   one_pass: int = 100              # top-k of one-pass scoring (0 = off)
   elbo_rerank: int = 0             # re-rank this many one-pass candidates by the MC ELBO (0 = off)
@@ -260,9 +261,10 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
       curves.append((t, constrained, r["recall@1"], r["ms_per_query"]))
   if cfg.decode.pseudo_beam:
     b = cfg.decode.pseudo_beam
-    D.pseudo_beam(dm, dparams, eval_prompts[:1], table, b, steps=lc, batch=bs)
-    record(f"pseudo_beam_B{b}", "MiniLM diffusion", lc,
-           *D.pseudo_beam(dm, dparams, eval_prompts, table, b, steps=lc,
+    t_pb = min(cfg.decode.pseudo_beam_steps, lc)
+    D.pseudo_beam(dm, dparams, eval_prompts[:1], table, b, steps=t_pb, batch=bs)
+    record(f"pseudo_beam_B{b}", "MiniLM diffusion", t_pb,
+           *D.pseudo_beam(dm, dparams, eval_prompts, table, b, steps=t_pb,
                           temperature=cfg.decode.pseudo_beam_temperature, batch=bs), samples=b)
   if cfg.decode.beam:
     D.beam_search(dm, dparams, eval_prompts[:1], table, cfg.decode.beam, batch=bs // 2)

@@ -165,9 +165,12 @@ def _train(cfg: GRConfig, model, params, tok, prompts_q, prompts_d, pairs, table
                      mesh=MeshSpec(data=1))
   result = run(tcfg, batches=iter(pair_dataset(ex, batch_size=cfg.train.batch_size, seed=cfg.docids.seed)),
                initial=(model, params, tok))
-  last = result.history[-1] if result.history else {}
-  print(f"{objective} retriever: {len(ex)} pairs, {steps} steps, loss {last.get('loss', float('nan')):.3f}, "
-        f"token accuracy {last.get('masked_accuracy', float('nan')):.3f}")
+  if result.history:
+    last = result.history[-1]
+    print(f"{objective} retriever: {len(ex)} pairs, {steps} steps, loss {last['loss']:.3f}, "
+          f"token accuracy {last['masked_accuracy']:.3f}")
+  else:
+    print(f"{objective} retriever: reusing {result.out_dir} (step {int(result.state.step)})")
   return result.model, result.state.params
 
 

@@ -176,9 +176,12 @@ def _minilm_reader(cfg: RagConfig, train, passages, spec: PromptSpec):
                      mesh=MeshSpec(data=1))
   batches = iter(pair_dataset(examples, batch_size=cfg.reader.batch_size, seed=0))
   result = run(tcfg, batches=batches)
-  last = result.history[-1] if result.history else {}
-  print(f"reader: MiniLM fine-tuned on {len(examples)} {cfg.data.dataset} questions for {cfg.reader.train_steps} "
-        f"steps (loss {last.get('loss', float('nan')):.3f}, masked accuracy {last.get('masked_accuracy', 0):.3f})")
+  if result.history:
+    last = result.history[-1]
+    print(f"reader: MiniLM fine-tuned on {len(examples)} {cfg.data.dataset} questions for {cfg.reader.train_steps} "
+          f"steps (loss {last['loss']:.3f}, masked accuracy {last['masked_accuracy']:.3f})")
+  else:
+    print(f"reader: reusing the fine-tuned MiniLM in {result.out_dir} (step {int(result.state.step)})")
   return result.model, result.state.params, tok
 
 

@@ -236,3 +236,20 @@ def test_gr_pipeline_end_to_end_counts_bad_records(tmp_path):
   assert lines and all(len(x.split()) == 6 for x in lines)
   m = trec.evaluate({"q1": ["d1", "ghost"]}, {"q1": {"d1": 1}}, known_docs={"d1"})
   assert m["unknown_docids_in_run"] == 1 and m["recall@1"] == 1.0
+
+
+def test_ir_builder_reads_beir_and_tsv_layouts(tmp_path):
+  from diffrag.data.builders import ir_records
+  _beir(tmp_path / "toy")
+  corpus, queries, qrels = ir_records(tmp_path, "toy", "beir", tmp_path / "cache")
+  assert len(corpus) == 5 and queries["q3"] == "who makes honey" and qrels["test"]["q5"] == {"nope": 1}
+  msm = tmp_path / "msmarco"
+  msm.mkdir()
+  (msm / "collection.tsv").write_text("0\tThe first passage.\n1\tThe second passage.\n")
+  (msm / "queries.dev.tsv").write_text("100\twhat is first\n")
+  (msm / "qrels.dev.tsv").write_text("100 0 0 1\n")
+  corpus, queries, qrels = ir_records(tmp_path, "msmarco", "tsv", tmp_path / "cache")
+  assert sorted(r["id"] for r in corpus) == ["0", "1"] and queries == {"100": "what is first"}
+  assert qrels == {"dev": {"100": {"0": 1}}}
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    ir_records(tmp_path, "nothing", "beir", tmp_path / "cache")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import numpy as np
 from pathlib import Path
 
 import tensorflow_datasets as tfds
@@ -125,3 +126,65 @@ def qa_records(root: str | os.PathLike, dataset: str, cache_dir: str | os.PathLi
 
 def _s(v) -> str:
   return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+class IRDataset(tfds.core.GeneratorBasedBuilder):
+  """A retrieval set: splits `corpus` (id, title, text), `queries` (id, text) and
+  `qrels_<split>` (query_id, id, relevance). Config name "<folder>-<layout>"."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Point the data directory at a folder holding <dataset>/ in BEIR or TSV layout."
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    text = tfds.features.Text()
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "id": text, "title": text, "text": text, "query_id": text, "relevance": tfds.features.Scalar(np.int32)}))
+
+  def _split_generators(self, dl_manager):
+    name, layout = self.builder_config.name.rsplit("-", 1)
+    corpus, queries, qrels = readers.read_ir(Path(dl_manager.manual_dir) / name, layout)
+    splits = {"corpus": self._corpus(corpus), "queries": self._queries(queries)}
+    for split, table in qrels.items():
+      splits[f"qrels_{split}"] = self._qrels(table)
+    return splits
+
+  def _corpus(self, corpus):
+    seen = set()
+    for r in corpus:
+      if r["id"] in seen:
+        raise ValueError(f"duplicate document id {r['id']!r} in the corpus; ids must be unique")
+      seen.add(r["id"])
+      yield r["id"], {"id": r["id"], "title": r["title"], "text": r["text"], "query_id": "", "relevance": 0}
+
+  def _queries(self, queries):
+    for qid, text in queries.items():
+      yield qid, {"id": qid, "title": "", "text": text, "query_id": qid, "relevance": 0}
+
+  def _qrels(self, table):
+    for qid, docs in table.items():
+      for docid, rel in docs.items():
+        yield f"{qid}\t{docid}", {"id": docid, "title": "", "text": "", "query_id": qid, "relevance": rel}
+
+
+def ir_records(root: str | os.PathLike, dataset: str, layout: str = "beir", cache_dir: str | os.PathLike = DEFAULT_CACHE):
+  """(corpus [{id, title, text}], queries {qid: text}, qrels {split: {qid: {docid: rel}}}) through IRDataset."""
+  root = Path(root)
+  if not (root / dataset).is_dir():
+    raise FileNotFoundError(f"retrieval data set folder {root / dataset} does not exist; point --data-dir at its parent")
+  builder = prepare(IRDataset, root, f"{dataset}-{layout}", (dataset,), cache_dir)
+  splits = list(builder.info.splits.keys())
+  corpus, queries, qrels = [], {}, {}
+  src = builder.as_data_source(split="corpus")
+  corpus = [{k: _s(src[i][k]) for k in ("id", "title", "text")} for i in range(len(src))]
+  src = builder.as_data_source(split="queries")
+  for i in range(len(src)):
+    queries[_s(src[i]["id"])] = _s(src[i]["text"])
+  for split in splits:
+    if split.startswith("qrels_"):
+      src = builder.as_data_source(split=split)
+      table: dict[str, dict[str, int]] = {}
+      for i in range(len(src)):
+        r = src[i]
+        table.setdefault(_s(r["query_id"]), {})[_s(r["id"])] = int(r["relevance"])
+      qrels[split[len("qrels_"):]] = table
+  return corpus, queries, qrels

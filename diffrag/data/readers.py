@@ -192,3 +192,40 @@ def read_qa(root, dataset: str, file: str | None = None) -> list[dict]:
   """The records of a QA data set in its released format (see QA_FILES for the default paths)."""
   path = qa_file(root, dataset, file)
   return QA_READERS[dataset](path)
+
+
+# --------------------------------------------------------------------- retrieval sets
+
+
+def read_ir(folder, layout: str = "beir") -> tuple[list[dict], dict[str, str], dict[str, dict[str, dict[str, int]]]]:
+  """(corpus [{id, title, text}], queries {qid: text}, qrels {split: {qid: {docid: rel}}}).
+
+  layout "beir": corpus.jsonl, queries.jsonl, qrels/<split>.tsv (BEIR, e.g. SciFact);
+  layout "tsv": collection.tsv or corpus.tsv (docid, [title,] text), queries.<split>.tsv
+  (qid, text), qrels.<split>.tsv (TREC `qid 0 docid rel` or BEIR columns) — MS MARCO and
+  NQ320K exports.
+  """
+  from diffrag.retrieval.trec import read_qrels  # pylint: disable=import-outside-toplevel
+  folder = Path(folder)
+  if layout == "beir":
+    corpus = read_beir_corpus(folder)
+    queries = {str(r["_id"]): r["text"] for r in read_jsonl(folder / "queries.jsonl", "BEIR queries")}
+    files = sorted((folder / "qrels").glob("*.tsv"))
+    qrels = {f.stem: read_qrels(f) for f in files}
+  elif layout == "tsv":
+    name = "collection.tsv" if (folder / "collection.tsv").exists() else "corpus.tsv"
+    corpus = []
+    for line in require_file(folder / name, "TSV corpus").read_text().splitlines():
+      parts = line.split("\t")
+      corpus.append({"id": parts[0], "title": parts[1] if len(parts) > 2 else "", "text": parts[-1]})
+    queries = {}
+    for f in sorted(folder.glob("queries.*.tsv")):
+      for line in f.read_text().splitlines():
+        qid, text = line.split("\t", 1)
+        queries[qid] = text
+    qrels = {f.name[len("qrels."):-len(".tsv")]: read_qrels(f) for f in sorted(folder.glob("qrels.*.tsv"))}
+  else:
+    raise ValueError(f"retrieval data layout={layout!r}; expected beir or tsv")
+  if not qrels:
+    raise FileNotFoundError(f"no qrels files in {folder} (expected qrels/<split>.tsv or qrels.<split>.tsv)")
+  return corpus, queries, qrels

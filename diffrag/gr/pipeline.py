@@ -1,9 +1,9 @@
 """`diffrag gr`: DocIDs -> fine-tune the retriever -> decode in every mode -> TREC runs, metrics, plots.
 
-Data (local files): a BEIR folder (`corpus.jsonl`, `queries.jsonl`, `qrels/<split>.tsv`,
-e.g. ../shared/data/scifact) or the TSV layout used by MS MARCO and NQ320K exports
-(`collection.tsv` / `corpus.tsv`: docid, [title,] text; `queries.<split>.tsv`: qid, text;
-`qrels.<split>.tsv`: TREC or BEIR qrels). Queries whose relevant documents are all outside
+Data (local files, read through the IRDataset TFDS builder): a BEIR folder (`corpus.jsonl`,
+`queries.jsonl`, `qrels/<split>.tsv`, e.g. ../shared/data/scifact) or the TSV layout used by
+MS MARCO and NQ320K exports (`collection.tsv` / `corpus.tsv`: docid, [title,] text;
+`queries.<split>.tsv`: qid, text; `qrels.<split>.tsv`: TREC or BEIR qrels). Queries whose relevant documents are all outside
 the corpus are dropped from evaluation and counted; so are run entries with unknown ids.
 
 Outputs under out_dir: run.trec (the default mode) and run_<mode>.trec for every mode,
@@ -95,28 +95,15 @@ class GRConfig:
 
 
 def load_ir(cfg: GRConfig):
-  """(corpus records, queries {qid: text}, train qrels, eval qrels)."""
-  from diffrag.data import data_dir, read_beir_corpus, read_jsonl, require_file  # pylint: disable=import-outside-toplevel
-  root = data_dir(cfg.data.data_dir) / cfg.data.dataset
-  if cfg.data.layout == "beir":
-    corpus = read_beir_corpus(root)
-    queries = {str(r["_id"]): r["text"] for r in read_jsonl(root / "queries.jsonl", "BEIR queries")}
-    qrels = lambda split: trec.read_qrels(require_file(root / "qrels" / f"{split}.tsv", f"qrels {split}"))
-  elif cfg.data.layout == "tsv":
-    name = "collection.tsv" if (root / "collection.tsv").exists() else "corpus.tsv"
-    corpus = []
-    for line in require_file(root / name, "TSV corpus").read_text().splitlines():
-      parts = line.split("\t")
-      corpus.append({"id": parts[0], "title": parts[1] if len(parts) > 2 else "", "text": parts[-1]})
-    queries = {}
-    for split in (cfg.data.train_split, cfg.data.eval_split):
-      for line in require_file(root / f"queries.{split}.tsv", f"queries {split}").read_text().splitlines():
-        qid, text = line.split("\t", 1)
-        queries[qid] = text
-    qrels = lambda split: trec.read_qrels(require_file(root / f"qrels.{split}.tsv", f"qrels {split}"))
-  else:
-    raise ValueError(f"data.layout={cfg.data.layout!r}; expected beir or tsv")
-  return corpus, queries, qrels(cfg.data.train_split), qrels(cfg.data.eval_split)
+  """(corpus records, queries {qid: text}, train qrels, eval qrels) through the IRDataset TFDS builder."""
+  from diffrag.data import data_dir  # pylint: disable=import-outside-toplevel
+  from diffrag.data.builders import ir_records  # pylint: disable=import-outside-toplevel
+  corpus, queries, qrels = ir_records(data_dir(cfg.data.data_dir), cfg.data.dataset, cfg.data.layout,
+                                      cfg.cache_dir + "/tfds")
+  for split in (cfg.data.train_split, cfg.data.eval_split):
+    if split not in qrels:
+      raise ValueError(f"no qrels for split {split!r} in {cfg.data.dataset}; found {sorted(qrels)}")
+  return corpus, queries, qrels[cfg.data.train_split], qrels[cfg.data.eval_split]
 
 
 def _clean_qrels(qrels, known: set[str], queries) -> tuple[dict, int]:

@@ -222,7 +222,7 @@ def test_gr_pipeline_end_to_end_counts_bad_records(tmp_path):
   over = [f"data.data_dir={tmp_path / 'data'}", "data.dataset=toy", "train.steps=2", "train.ar_steps=2",
           "train.batch_size=4", "train.query_tokens=8", f"train.out_dir={tmp_path / 'ret'}", "docids.max_tokens=6",
           "decode.steps=[1,6]", "decode.pseudo_beam=2", "decode.beam=2", "decode.one_pass=3",
-          "decode.batch_size=4", "baselines=[bm25]", f"out_dir={tmp_path / 'out'}"]
+          "decode.batch_size=4", "baselines=[bm25]", f"out_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'c'}"]
   summary = run_gr(config_lib.load(GRConfig, None, over), progress=False)
   assert summary["counts"]["eval_queries"] == 2 and summary["counts"]["eval_queries_dropped_relevant_not_in_corpus"] == 1
   assert json.loads((tmp_path / "out" / "docids.json").read_text())["suffixed_duplicates"] == 1

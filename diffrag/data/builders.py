@@ -143,10 +143,14 @@ class IRDataset(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     name, layout = self.builder_config.name.rsplit("-", 1)
     corpus, queries, qrels = readers.read_ir(Path(dl_manager.manual_dir) / name, layout)
-    splits = {"corpus": self._corpus(corpus), "queries": self._queries(queries)}
+    splits = {"corpus": self._generate_examples(self._corpus(corpus)),
+              "queries": self._generate_examples(self._queries(queries))}
     for split, table in qrels.items():
-      splits[f"qrels_{split}"] = self._qrels(table)
+      splits[f"qrels_{split}"] = self._generate_examples(self._qrels(table))
     return splits
+
+  def _generate_examples(self, rows):
+    yield from rows
 
   def _corpus(self, corpus):
     seen = set()

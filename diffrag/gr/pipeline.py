@@ -171,7 +171,7 @@ def _pair(prompt, code, p, lc):
 
 def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   from diffrag.models import from_pretrained, load_tokenizer, minilm_path  # pylint: disable=import-outside-toplevel
-  from diffrag.retrieval import BM25Retriever, Corpus, DenseRetriever, MiniLMEncoder  # pylint: disable=import-outside-toplevel
+  from diffrag.retrieval import BM25Retriever, Corpus, DenseRetriever, default_encoder  # pylint: disable=import-outside-toplevel
   out = Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   records, queries, train_qrels, eval_qrels = load_ir(cfg)
@@ -189,7 +189,7 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   tok = load_tokenizer(source)
   encoder = None
   if cfg.docids.kind == "rq" or "dense" in cfg.baselines:
-    encoder = MiniLMEncoder()
+    encoder = default_encoder()
     dense = DenseRetriever(corpus, encoder, cache_dir=cfg.cache_dir, progress=progress)
   model, params = from_pretrained(source, dtype=cfg.model.dtype, init_missing_head=cfg.model.checkpoint is None)
   vocab = model.config.vocab_size

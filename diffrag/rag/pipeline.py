@@ -131,14 +131,14 @@ def build_corpus(cfg: RagConfig, records):
 
 def retrieve(cfg: RagConfig, records, corpus) -> dict[str, list[dict]]:
   """question id -> top-k passages [{id, text}] (text cut to max_chars)."""
-  from diffrag.retrieval import BM25Retriever, DenseRetriever, MiniLMEncoder  # pylint: disable=import-outside-toplevel
+  from diffrag.retrieval import BM25Retriever, DenseRetriever, default_encoder  # pylint: disable=import-outside-toplevel
   k, cut = cfg.retrieval.k, cfg.retrieval.max_chars
   if cfg.retrieval.retriever == "gold":
     return {r["id"]: [{"id": p["id"], "text": corpus_text(p)[:cut]} for p in r["passages"][:k]] for r in records}
   if cfg.retrieval.retriever == "bm25":
     retriever = BM25Retriever(corpus)
   elif cfg.retrieval.retriever == "dense":
-    retriever = DenseRetriever(corpus, MiniLMEncoder(), cache_dir=cfg.retrieval.cache_dir)
+    retriever = DenseRetriever(corpus, default_encoder(), cache_dir=cfg.retrieval.cache_dir)
   else:
     raise ValueError(f"retrieval.retriever={cfg.retrieval.retriever!r}; expected dense, bm25 or gold")
   idx, _ = retriever.search([r["question"] for r in records], k)
@@ -245,8 +245,8 @@ def run_rag(cfg: RagConfig, progress: bool = True) -> dict:
   done = _read_done(out / "predictions.jsonl")
   encoder = None
   if cfg.drift:
-    from diffrag.retrieval import MiniLMEncoder  # pylint: disable=import-outside-toplevel
-    encoder = MiniLMEncoder()
+    from diffrag.retrieval import default_encoder  # pylint: disable=import-outside-toplevel
+    encoder = default_encoder()
   qrep = jax.jit(lambda p, ids, m: query_representation(model, p, ids, m, hidden_layer=cfg.spread.hidden_layer,
                                                         pooling=cfg.spread.pooling))
   methods = _methods(cfg)

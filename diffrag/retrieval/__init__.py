@@ -3,6 +3,6 @@ passage budgets, TREC run files and IR metrics."""
 
 from diffrag.retrieval.corpus import Corpus, cut_passages
 from diffrag.retrieval.bm25 import BM25Retriever
-from diffrag.retrieval.dense import DenseRetriever, MiniLMEncoder
+from diffrag.retrieval.dense import DenseRetriever, MiniLMEncoder, default_encoder
 
-__all__ = ["BM25Retriever", "Corpus", "DenseRetriever", "MiniLMEncoder", "cut_passages"]
+__all__ = ["BM25Retriever", "Corpus", "DenseRetriever", "MiniLMEncoder", "cut_passages", "default_encoder"]

@@ -71,6 +71,12 @@ class MiniLMEncoder:
     return result
 
 
+@functools.lru_cache(maxsize=1)
+def default_encoder() -> MiniLMEncoder:
+  """The all-MiniLM-L6-v2 encoder, loaded once per process (retrieval, drift traces, RQ DocIDs)."""
+  return MiniLMEncoder()
+
+
 def exact_search(queries: np.ndarray, docs: np.ndarray, k: int, chunk: int = 65536):
   """Top-k inner products: (indices [Q, k], scores [Q, k]), exact, over doc chunks."""
   k = min(k, docs.shape[0])

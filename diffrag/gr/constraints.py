@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffrag.gr.docids import DocIDTable
 from diffrag.sampling.transforms import ScoreTransform, stateless
@@ -75,7 +74,3 @@ def docid_repair(table: DocIDTable) -> ScoreTransform:
     _, commit = jax.lax.fori_loop(0, view.commit.shape[1], body, (cons, view.commit))
     return view.replace(commit=commit)
   return stateless(fn)
-
-
-def is_valid(table: DocIDTable, canvases) -> np.ndarray:
-  return table.decode(canvases) >= 0

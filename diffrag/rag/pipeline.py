@@ -157,7 +157,7 @@ def _minilm_reader(cfg: RagConfig, train, passages, spec: PromptSpec):
   """Fine-tunes the MiniLM warm start on (passages + question -> answer) pairs, answer span masked."""
   from diffrag.data.pipeline import pair_dataset, pair_example  # pylint: disable=import-outside-toplevel
   from diffrag.models import load_tokenizer, minilm_path  # pylint: disable=import-outside-toplevel
-  from diffrag.train.loop import LoopSpec, MeshSpec, ModelSpec, TrainConfig, build_model, run  # pylint: disable=import-outside-toplevel
+  from diffrag.train.loop import LoopSpec, MeshSpec, ModelSpec, TrainConfig, run  # pylint: disable=import-outside-toplevel
   from diffrag.train.step import OptimConfig  # pylint: disable=import-outside-toplevel
   tok = load_tokenizer(minilm_path())
   g, p_len = cfg.generation.gen_length, spec.max_prompt_tokens

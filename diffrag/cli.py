@@ -28,15 +28,14 @@ def cmd_demo(args) -> int:
   if args.only in (None, "rag"):
     cfg = config_lib.load(RagConfig, CONFIGS / "rag_minilm_squad.yaml",
                           [f"data.data_dir={root}", f"out_dir={args.out}/rag"] + list(args.rag))
-    print(f"[1/2] RAG: {cfg.data.dataset} from {root}; {cfg.retrieval.retriever} retrieval (top {cfg.retrieval.k}); "
-          f"MiniLM masked-diffusion reader fine-tuned for {cfg.reader.train_steps} steps; answers of "
-          f"{cfg.generation.gen_length} tokens in {cfg.generation.steps} steps; SPREAD alphas {cfg.spread.alphas}")
+    print(f"[1/2] RAG: MiniLM masked-diffusion reader trained on {cfg.reader.train_data} "
+          f"({cfg.reader.train_steps} steps x {cfg.reader.batch_size}), evaluated on {cfg.data.dataset} "
+          f"(+ {', '.join(cfg.data.also) or 'nothing else'}); {cfg.retrieval.retriever} retrieval (top "
+          f"{cfg.retrieval.k}); answers of {cfg.generation.gen_length} tokens in {cfg.generation.steps} steps; "
+          f"SPREAD alphas {cfg.spread.alphas}")
     summary = run_rag(cfg)
-    c = summary["counts"]
-    tables.append(f"Baseline vs SPREAD on {c['eval']} held-out SQuAD questions (reader trained on {c['train']}; "
-                  f"{c['without_answers_skipped']} unanswerable records skipped). EM/precision/recall/F1 in %; "
-                  "RSD = relative drop of cos(question, answer so far) from its peak to the end "
-                  f"(outputs in {cfg.out_dir}/):\n\n" + summary["table"])
+    tables.append(f"RAG: baseline vs SPREAD (outputs in {cfg.out_dir}/). {rag_caption(summary)}\n\n"
+                  + summary["table"])
   if args.only in (None, "gr"):
     cfg = config_lib.load(GRConfig, CONFIGS / "gr_minilm_scifact.yaml",
                           [f"data.data_dir={root}", f"out_dir={args.out}/gr"] + list(args.gr))
@@ -140,15 +139,32 @@ def cmd_sample(args) -> int:
   return 0
 
 
+def rag_caption(summary: dict) -> str:
+  """What a reader of the RAG table needs: n, leakage counts, the reader's budget, the statistics."""
+  parts = []
+  for name, rep in summary["sets"].items():
+    c, leak = rep["counts"], rep["leakage"]
+    parts.append(f"{name}: {c['eval']} questions ({c['without_answers_skipped']} records without answers skipped), "
+                 f"corpus {c['corpus']} passages; shared with the reader's training data: "
+                 f"{leak['questions_shared']} questions, {leak['contexts_shared']} contexts, "
+                 f"{leak['answers_as_training_targets']} answer targets.")
+  b = summary["budget"]
+  parts.append(f"Reader budget: {b['train_steps']} steps, {b['train_examples_seen']} examples seen, "
+               f"{b['train_s']} s. EM/F1/precision in %, F1 and precision with 95% bootstrap intervals; d_* = "
+               "difference to the baseline on the same questions [95% paired bootstrap interval], * = significant "
+               "(interval excludes 0), p_* = paired randomization test; RSD = relative drop of cos(question, "
+               "answer so far) from its peak to the end (lower is better); s_per_q excludes compilation (compile_s).")
+  return " ".join(parts)
+
+
 def cmd_rag(args) -> int:
   from diffrag import config as config_lib
   from diffrag.rag.pipeline import RagConfig, run_rag
   cfg = config_lib.load(RagConfig, args.config, args.overrides)
   summary = run_rag(cfg)
-  print(f"\n{cfg.data.dataset}: {summary['counts']['eval']} held-out questions "
-        f"({summary['counts']['without_answers_skipped']} records without answers skipped)\n")
+  print("\n" + rag_caption(summary) + "\n")
   print(summary["table"])
-  print(f"predictions, metrics.json, rag.md and plots in {cfg.out_dir}/")
+  print(f"predictions, metrics.json, manifest.json, rag.md and plots in {cfg.out_dir}/")
   return 0
 
 

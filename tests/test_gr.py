@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffrag.gr.constraints import allowed_tokens_mask, consistent_docs, docid_allowed, docid_repair
+from diffrag.gr.constraints import (DocIDIndex, allowed_tokens_mask, consistent_any, docid_allowed, docid_repair,
+                                    repair_commits)
 from diffrag.gr.docids import DocIDTable, extend_vocab, kmeans, linguistic_docids, rq_docids
 from diffrag.models import load_tokenizer, minilm_path, preset, init_params
 from diffrag.retrieval import trec
@@ -83,6 +84,7 @@ def test_constrained_decoding_always_yields_a_valid_docid(seed, per_step, score)
   vocab, mask_id, lc = 12, 11, 5
   codes = np.unique(rng.integers(0, 6, size=(40, lc)), axis=0)
   table = DocIDTable(codes, tuple(f"d{i}" for i in range(len(codes))), "test")
+  object.__setattr__(table, "index", DocIDIndex.build(codes, chunk=int(rng.integers(1, 16))))  # several chunks
   chain = T.chain(docid_allowed(table), T.greedy(), T.low_confidence() if score == "conf" else T.random_score(),
                   T.commit_top_k(lambda v: jnp.full((v.canvas.shape[0],), per_step)), docid_repair(table))
   canvas = jnp.full((3, lc), mask_id, jnp.int32)
@@ -96,18 +98,54 @@ def test_constrained_decoding_always_yields_a_valid_docid(seed, per_step, score)
     assert bool(jnp.all(jnp.any(view.commit, -1) | ~jnp.any(view.is_masked, -1)))  # progress
     canvas = jnp.where(view.commit, view.candidates, canvas)
     # the partial canvas always stays consistent with at least one DocID
-    assert bool(jnp.all(jnp.any(consistent_docs(jnp.asarray(codes), canvas, canvas == mask_id), -1)))
+    assert bool(jnp.all(consistent_any(table.index, canvas, canvas == mask_id)))
   assert (table.decode(np.asarray(canvas)) >= 0).all()
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), chunk=st.integers(1, 64))
+def test_index_equals_brute_force(seed, chunk):
+  """Segment search over the sorted table == the dense definition, for any chunk size: the
+  allowed tokens, whether a canvas is consistent, and the greedy repair of a step's commits."""
+  rng = np.random.default_rng(seed)
+  lc, vocab = int(rng.integers(2, 7)), int(rng.integers(3, 9))
+  mask_id, rows = vocab, 5
+  codes = np.unique(rng.integers(0, vocab, (int(rng.integers(5, 200)), lc)), axis=0)
+  index = DocIDIndex.build(codes, chunk=chunk)
+  canvas = np.where(rng.random((rows, lc)) < 0.5, codes[rng.integers(0, len(codes), rows)], mask_id)
+  canvas[0] = np.where(rng.random(lc) < 0.3, rng.integers(0, vocab, lc), mask_id)  # maybe inconsistent
+  masked = canvas == mask_id
+  cons = np.all((codes[None] == canvas[:, None]) | masked[:, None], -1)          # [R, N], dense
+  ref = np.zeros((rows, lc, vocab + 1), bool)
+  for r in range(rows):
+    for d in np.flatnonzero(cons[r]):
+      ref[r, np.arange(lc), codes[d]] = True
+  got = np.asarray(allowed_tokens_mask(index, jnp.asarray(canvas), jnp.asarray(masked), vocab + 1))
+  np.testing.assert_array_equal(got, ref)
+  np.testing.assert_array_equal(np.asarray(consistent_any(index, jnp.asarray(canvas), jnp.asarray(masked))),
+                                cons.any(-1))
+  cand = rng.integers(0, vocab, (rows, lc))
+  commit, score = masked & (rng.random((rows, lc)) < 0.7), rng.random((rows, lc))
+  keep = np.asarray(repair_commits(index, jnp.asarray(canvas), jnp.asarray(masked), jnp.asarray(cand),
+                                   jnp.asarray(commit), jnp.asarray(score)))
+  for r in range(rows):
+    docs, accept = set(np.flatnonzero(cons[r])), np.zeros(lc, bool)
+    for pos in np.argsort(-np.where(commit[r], score[r], -np.inf), kind="stable"):
+      narrowed = {d for d in docs if codes[d, pos] == cand[r, pos]}
+      if commit[r, pos] and narrowed:
+        docs, accept[pos] = narrowed, True
+    np.testing.assert_array_equal(keep[r], accept)
+
+
 def test_allowed_mask_by_hand():
-  codes = jnp.asarray([[1, 2, 3], [1, 4, 5], [6, 2, 3]])
+  index = DocIDIndex.build(np.asarray([[1, 2, 3], [1, 4, 5], [6, 2, 3]]))
   canvas = jnp.asarray([[9, 2, 9]])
-  cons = consistent_docs(codes, canvas, canvas == 9)
-  assert cons.tolist() == [[True, False, True]]
-  allowed = allowed_tokens_mask(codes, cons, 10)
+  assert consistent_any(index, canvas, canvas == 9).tolist() == [True]
+  allowed = allowed_tokens_mask(index, canvas, canvas == 9, 10)
   assert np.nonzero(np.asarray(allowed[0, 0]))[0].tolist() == [1, 6]
   assert np.nonzero(np.asarray(allowed[0, 2]))[0].tolist() == [3]
+  empty = jnp.asarray([[9, 9, 9]])  # nothing committed: every position's own token set
+  assert np.nonzero(np.asarray(allowed_tokens_mask(index, empty, empty == 9, 10)[0, 1]))[0].tolist() == [2, 4]
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -156,15 +194,42 @@ def test_topk_returns_k_distinct_valid_docids_in_descending_score():
   from diffrag.gr import decode as D
   model, params, table = _tiny_retriever()
   prompts = np.random.default_rng(1).integers(2, 290, (3, 6)).astype(np.int32)
-  for rankings in (D.beam_search(model, params, prompts, table, 5, batch=4)[0],
-                   D.beam_search(model, params, prompts, table, 5, order="left_to_right", batch=4)[0],
-                   D.one_pass(model, params, prompts, table, 7, batch=4)[0]):
+  mask = np.ones_like(prompts)
+  for rankings in (D.beam_search(model, params, prompts, mask, table, 5, batch=4).rankings,
+                   D.beam_search(model, params, prompts, mask, table, 5, order="left_to_right", batch=4).rankings,
+                   D.one_pass(model, params, prompts, mask, table, 7, batch=4).rankings):
     for r in rankings:
       docs, scores = [d for d, _ in r], [s for _, s in r]
       assert len(docs) == len(set(docs)) and len(docs) in (5, 7)
       assert all(0 <= d < 30 for d in docs) and scores == sorted(scores, reverse=True)
-  ranked, invalid, _ = D.t_step(model, params, prompts, table, 3, constrained=True, batch=4)
-  assert invalid == 0 and all(len(r) == 1 for r in ranked)
+  dec = D.t_step(model, params, prompts, mask, table, 3, constrained=True, batch=4)
+  assert dec.invalid == 0 and all(len(r) == 1 for r in dec.rankings) and dec.forward >= 3
+
+
+def test_topk_at_10k_docids_every_mode():
+  """10,000 title-like DocIDs: every mode returns k distinct valid DocIDs in descending score,
+  and the timed calls do not compile."""
+  from diffrag.gr import decode as D
+  from diffrag.models import MaskedDiffusionTransformer
+  rng = np.random.default_rng(0)
+  lc, vocab = 6, 300
+  codes = np.unique(np.concatenate([rng.integers(2, 60, (12000, 3)), np.ones((12000, 3), int)], 1), axis=0)[:10000]
+  codes[:, 3:] = np.where(rng.random((10000, 3)) < 0.5, rng.integers(2, 60, (10000, 3)), 1)  # EOS-padded tails
+  codes = np.unique(codes, axis=0)
+  table = DocIDTable(codes, tuple(f"d{i}" for i in range(len(codes))), "synthetic")
+  cfg = preset("tiny-llada", vocab_size=vocab, mask_token_id=vocab - 1, eos_token_id=1)
+  model, params = MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(0))
+  prompts = rng.integers(2, 290, (6, 5)).astype(np.int32)
+  mask = np.ones_like(prompts)
+  for dec, k in ((D.beam_search(model, params, prompts, mask, table, 4, batch=3), 4),
+                 (D.one_pass(model, params, prompts, mask, table, 50, batch=3), 50),
+                 (D.pseudo_beam(model, params, prompts, mask, table, 3, steps=lc, batch=6), None),
+                 (D.t_step(model, params, prompts, mask, table, 3, constrained=True, batch=3), 1)):
+    assert dec.invalid == 0 and dec.timing.compiles_in_timed == 0
+    for r in dec.rankings:
+      docs, scores = [d for d, _ in r], [s for _, s in r]
+      assert len(docs) == len(set(docs)) and (k is None or len(docs) == k) and docs
+      assert scores == sorted(scores, reverse=True) and all(0 <= d < len(codes) for d in docs)
 
 
 def test_a_tiny_diffusion_retriever_learns_to_retrieve_50_documents():
@@ -183,16 +248,17 @@ def test_a_tiny_diffusion_retriever_learns_to_retrieve_50_documents():
   optim = OptimConfig(lr=3e-3, warmup_steps=20, schedule="constant", weight_decay=0.0)
   tx = step_lib.make_optimizer(optim, 400)
   state = step_lib.init_state(params, tx, optim, jax.random.key(0))
-  step = jax.jit(step_lib.make_train_step(lambda p, x, w=None: model.apply({"params": p}, x, output_window=w), tx,
+  step = jax.jit(step_lib.make_train_step(step_lib.model_apply_fn(model), tx,
                                           optim, mask_id=model.config.mask_token_id,
                                           schedule=schedules.get("linear", 1e-3), loss_window=(6, table.length)))
   for i in range(400):
     idx = rng.choice(50, 25, replace=False)
     state, m = step(state, {"tokens": tokens[idx], "maskable": maskable[idx]}, jax.random.key(i))
-  top1 = [r[0][0] if r else -1 for r in D.beam_search(model, state.params, queries, table, 4, batch=25)[0]]
+  mask = np.ones_like(queries)
+  top1 = [r[0][0] if r else -1 for r in D.beam_search(model, state.params, queries, mask, table, 4, batch=25).rankings]
   hits = np.mean(np.asarray(top1) == np.arange(50))
-  first = [r[0][0] for r in D.t_step(model, state.params, queries, table, table.length, constrained=True,
-                                       batch=25)[0]]
+  first = [r[0][0] for r in D.t_step(model, state.params, queries, mask, table, table.length, constrained=True,
+                                       batch=25).rankings]
   assert hits >= 0.8, f"beam top-1 retrieved {hits:.2f} of the documents"
   assert np.mean(np.asarray(first) == np.arange(50)) >= 0.7
 
@@ -214,28 +280,75 @@ def _beir(root):
   (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq4\td4\t1\nq1\td1\t1\nq5\tnope\t1\n")
 
 
-def test_gr_pipeline_end_to_end_counts_bad_records(tmp_path):
+def _gr_overrides(tmp_path, dataset="toy"):
+  return [f"data.data_dir={tmp_path / 'data'}", f"data.dataset={dataset}", "train.steps=2", "train.batch_size=4",
+          "train.warmup_steps=1", "train.query_tokens=8", "train.pseudo_queries=2", f"train.store={tmp_path / 'store'}",
+          "docids.max_tokens=6", "decode.steps=[1,6]", "decode.pseudo_beam=2", "decode.beam=2", "decode.one_pass=3",
+          "decode.batch_size=4", "baselines=[bm25]", f"out_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'c'}"]
+
+
+def test_gr_pipeline_end_to_end_counts_bad_records(tmp_path, capsys):
   import json
   from diffrag import config as config_lib
   from diffrag.gr.pipeline import GRConfig, run_gr
   _beir(tmp_path / "data" / "toy")
-  over = [f"data.data_dir={tmp_path / 'data'}", "data.dataset=toy", "train.steps=2", "train.ar_steps=2",
-          "train.batch_size=4", "train.query_tokens=8", f"train.out_dir={tmp_path / 'ret'}", "docids.max_tokens=6",
-          "decode.steps=[1,6]", "decode.pseudo_beam=2", "decode.beam=2", "decode.one_pass=3",
-          "decode.batch_size=4", "baselines=[bm25]", f"out_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'c'}"]
-  summary = run_gr(config_lib.load(GRConfig, None, over), progress=False)
-  assert summary["counts"]["eval_queries"] == 2 and summary["counts"]["eval_queries_dropped_relevant_not_in_corpus"] == 1
+  cfg = config_lib.load(GRConfig, None, _gr_overrides(tmp_path))
+  summary = run_gr(cfg, progress=False)
+  c = summary["counts"]
+  assert c["eval_queries"] == 2 and c["eval_queries_dropped_relevant_not_in_corpus"] == 1
+  assert c["eval_queries_in_training_removed"] == 1  # q1 is a test query: never trained on
+  assert c["training_pairs"] == {"query": 2 * 2, "indexing": 5, "pseudo_query": 4}  # "Bees make honey." < 4 words
   assert json.loads((tmp_path / "out" / "docids.json").read_text())["suffixed_duplicates"] == 1
-  methods = {r["method"] for r in summary["methods"]}
+  rows = {r["method"]: r for r in summary["methods"]}
   assert {"bm25", "diffusion_T1", "diffusion_T6_constrained", "pseudo_beam_B2", "beam_B2", "one_pass_top3",
-          "ar_beam_B2"} <= methods
-  for r in summary["methods"]:
-    if r["method"].endswith("_constrained") or r["method"].startswith(("beam", "ar_beam", "one_pass")):
+          "ar_beam_B2"} <= set(rows)
+  for name, r in rows.items():
+    if name.endswith("_constrained") or name.startswith(("beam", "ar_beam", "one_pass")):
       assert r["invalid_%"] in (0, 0.0)
+    if name != "bm25":
+      assert r["compiles_in_timed"] == 0 and "[" in r["d_ndcg@10_vs_bm25"] and "ndcg@10_ci" in r
+  # equal budgets: the AR twin trains with the same steps and pairs as the diffusion model
+  assert rows["ar_beam_B2"]["train_steps"] == rows["beam_B2"]["train_steps"] == 2
+  assert rows["ar_beam_B2"]["train_examples_seen"] == rows["beam_B2"]["train_examples_seen"] == 8
+  assert rows["diffusion_T6_constrained"]["forward_passes"] >= 6 and summary["index_input"] == "body"
   lines = (tmp_path / "out" / "run.trec").read_text().splitlines()
   assert lines and all(len(x.split()) == 6 for x in lines)
+  manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+  assert {a["kind"] for a in manifest["artefacts"]} == {"diffusion", "ar"} or len(manifest["artefacts"]) == 2
   m = trec.evaluate({"q1": ["d1", "ghost"]}, {"q1": {"d1": 1}}, known_docs={"d1"})
   assert m["unknown_docids_in_run"] == 1 and m["recall@1"] == 1.0
+  # the same config reuses both retrievers; a changed determining field trains a new one
+  capsys.readouterr()
+  run_gr(cfg, progress=False)
+  assert capsys.readouterr().out.count("reusing the artefact") == 2
+  run_gr(config_lib.load(GRConfig, None, _gr_overrides(tmp_path) + ["train.ar_steps=0", "train.index_with_title=true"]),
+         progress=False)
+  out = capsys.readouterr().out
+  assert "building it" in out and "index_with_title" in out
+
+
+def test_gr_zero_shot_folder_and_empty_documents(tmp_path):
+  import json
+  from diffrag import config as config_lib
+  from diffrag.gr.pipeline import GRConfig, run_gr
+  root = tmp_path / "data" / "toy"
+  _beir(root)
+  (root / "qrels" / "train.tsv").unlink()  # a new corpus with test qrels only
+  with open(root / "corpus.jsonl", "a") as f:
+    f.write("\n" + json.dumps({"_id": "d6", "title": "", "text": "  "}))
+  with open(root / "qrels" / "test.tsv", "a") as f:
+    f.write("q3\td6\t1\n")
+  over = _gr_overrides(tmp_path) + ["train.ar_steps=0", "decode.pseudo_beam=0", "decode.beam=0"]
+  with pytest.raises(ValueError, match="neither title nor text.*data.empty_docs=drop"):
+    run_gr(config_lib.load(GRConfig, None, over), progress=False)
+  summary = run_gr(config_lib.load(GRConfig, None, over + ["data.empty_docs=drop"]), progress=False)
+  c = summary["counts"]
+  assert c["zero_shot"] and c["train_queries"] == 0 and c["training_pairs"]["query"] == 0
+  assert c["empty_documents_dropped"] == 1 and c["qrels_pointing_at_dropped_documents"] == 1
+  assert c["eval_queries"] == 2  # q1, q4 (q3 pointed only at the dropped document, q5 at a missing one)
+  with pytest.raises(ValueError, match="no training pairs"):
+    run_gr(config_lib.load(GRConfig, None, over + ["data.empty_docs=drop", "train.indexing=false",
+                                                   "train.pseudo_queries=0"]), progress=False)
 
 
 def test_ir_builder_reads_beir_and_tsv_layouts(tmp_path):

@@ -114,8 +114,8 @@ def test_prompt_fits_the_window_by_cutting_the_lowest_ranked_passage_first():
   tok = load_tokenizer(minilm_path())
   spec = PromptSpec(chat=False, max_prompt_tokens=40)
   passages = ["first passage " * 5, "second passage " * 30, "third passage " * 30]
-  ids, kept = build_prompt(tok, spec, "what is it?", passages)
-  assert len(ids) <= 40 and kept == 2
+  ids, kept, cut = build_prompt(tok, spec, "what is it?", passages)
+  assert len(ids) <= 40 and kept == 2 and cut > 30
   text = tok.decode(ids)
   assert "first passage" in text and "question : what is it?" in text and text.endswith("answer :")
   with pytest.raises(ValueError, match="question alone"):
@@ -176,47 +176,98 @@ def test_spread_bad_switches():
 # --------------------------------------------------------------------------- pipeline
 
 
-def _squad_file(root):
-  paras = [("The Nile is the longest river in Africa and flows north into the Mediterranean Sea.",
-            [("Which sea does the Nile flow into?", "the Mediterranean Sea"), ("Where is the Nile?", "Africa")]),
-           ("Honey bees collect nectar from flowers and turn it into honey inside the hive.",
-            [("What do bees collect from flowers?", "nectar"), ("Where is honey made?", "inside the hive")]),
-           ("Mount Etna is an active volcano on the island of Sicily in Italy.",
-            [("Which island is Mount Etna on?", "Sicily"), ("Is Etna active?", "")])]
-  data = [{"title": f"T{i}", "paragraphs": [{"context": c, "qas": [
-      {"id": f"q{i}{j}", "question": q, "is_impossible": not a,
+PARAS = [("The Nile is the longest river in Africa and flows north into the Mediterranean Sea.",
+          [("Which sea does the Nile flow into?", "the Mediterranean Sea"), ("Where is the Nile?", "Africa")]),
+         ("Honey bees collect nectar from flowers and turn it into honey inside the hive.",
+          [("What do bees collect from flowers?", "nectar"), ("Where is honey made?", "inside the hive")]),
+         ("Mount Etna is an active volcano on the island of Sicily in Italy.",
+          [("Which island is Mount Etna on?", "Sicily"), ("Is Etna active?", "")]),
+         ("The Amazon river carries more water than any other river and flows east to the Atlantic.",
+          [("Where does the Amazon flow?", "the Atlantic"), ("Which river carries the most water?", "The Amazon")])]
+
+
+def _squad_json(paras, prefix):
+  return {"data": [{"title": f"{prefix}{i}", "paragraphs": [{"context": c, "qas": [
+      {"id": f"{prefix}q{i}{j}", "question": q, "is_impossible": not a,
        "answers": [{"text": a, "answer_start": c.find(a)}] if a else []} for j, (q, a) in enumerate(qs)]}]}
-          for i, (c, qs) in enumerate(paras)]
-  (root / "squad").mkdir(parents=True)
-  (root / "squad" / "squad2_dev_small.json").write_text(json.dumps({"data": data}))
+      for i, (c, qs) in enumerate(paras)]}
 
 
-def test_rag_pipeline_end_to_end_and_resume(tmp_path):
+def _squad_files(root):
+  """SQuAD v1.1 layout: train articles T0-T1, dev articles D0-D1 (different texts and titles)."""
+  (root / "squad").mkdir(parents=True, exist_ok=True)
+  (root / "squad" / "train-v1.1-first44.json").write_text(json.dumps(_squad_json(PARAS[:2], "T")))
+  (root / "squad" / "dev-v1.1.json").write_text(json.dumps(_squad_json(PARAS[2:], "D")))
+  (root / "squad" / "squad2_dev_small.json").write_text(json.dumps(_squad_json(PARAS, "S")))
+
+
+def _rag_overrides(tmp_path):
+  return [f"data.data_dir={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'tfds'}",
+          f"retrieval.cache_dir={tmp_path / 'cache'}", "retrieval.retriever=bm25", "retrieval.k=2",
+          "reader.train_steps=2", "reader.batch_size=2", "reader.warmup_steps=1", f"reader.store={tmp_path / 'store'}",
+          "prompt.chat=false", "prompt.max_prompt_tokens=48", "generation.gen_length=8", "generation.steps=8",
+          "generation.batch_size=2", "spread.alphas=[0.5]", f"out_dir={tmp_path / 'out'}"]
+
+
+def test_rag_pipeline_end_to_end_and_resume(tmp_path, capsys):
+  """Train on SQuAD v1.1 train articles, evaluate on dev articles: no leak, tables with intervals,
+  manifest, resume, and the reader reused on an exact match only."""
   from diffrag import config as config_lib
   from diffrag.rag.pipeline import RagConfig, run_rag
-  _squad_file(tmp_path / "data")
-  over = [f"data.data_dir={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'tfds'}", "data.holdout=0.5",
-          "retrieval.retriever=bm25", "retrieval.k=2", "reader.train_steps=2", "reader.batch_size=2",
-          f"reader.out_dir={tmp_path / 'reader'}", "prompt.chat=false", "prompt.max_prompt_tokens=48",
-          "generation.gen_length=8", "generation.steps=8", "generation.batch_size=2", "spread.alphas=[0.5]",
-          f"out_dir={tmp_path / 'out'}"]
+  _squad_files(tmp_path / "data")
+  over = _rag_overrides(tmp_path) + ["reader.train_data=squad_v1:train", "data.dataset=squad_v1:dev"]
   cfg = config_lib.load(RagConfig, None, over)
   summary = run_rag(cfg, progress=False)
-  assert summary["counts"]["without_answers_skipped"] == 1
-  n = summary["counts"]["eval"]
+  rep = summary["sets"]["squad_v1:dev"]
+  assert rep["counts"]["without_answers_skipped"] == 1 and rep["counts"]["eval"] == 3
+  assert rep["leakage"]["questions_shared"] == rep["leakage"]["contexts_shared"] == 0
+  assert rep["leakage"]["answers_as_training_targets"] == 0
   lines = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
-  assert len(lines) == 2 * n and {x["method"] for x in lines} == {"baseline", "spread_a0.5"}
+  assert len(lines) == 6 and {x["method"] for x in lines} == {"baseline", "spread_a0.5"}
   for x in lines:
     assert len(x["drift_curve"]) == x["forward_passes"] == 8 and len(x["passage_ids"]) == 2
-  assert {r["method"] for r in summary["methods"]} == {"baseline", "spread_a0.5"}
+    assert len(x["commit_step"]) == 8 and sorted(x["commit_step"]) == list(range(8))  # one commit per step
+  spread_row = next(r for r in summary["methods"] if r["method"] == "spread_a0.5")
+  assert spread_row["n"] == 3 and "[" in spread_row["d_f1"] and spread_row["p_f1"]
+  assert spread_row["compiles_in_timed"] == 0 and spread_row["train_steps"] == 2
+  manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+  assert manifest["git"]["commit"] and manifest["artefacts"][0]["reused"] is False
+  assert manifest["config"]["reader"]["train_data"] == "squad_v1:train"
   assert (tmp_path / "out" / "rag.md").exists() and (tmp_path / "out" / "drift.png").exists()
-  again = run_rag(cfg, progress=False)  # resume: nothing is generated twice
-  assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 2 * n
+  assert "building it" in capsys.readouterr().out
+  again = run_rag(cfg, progress=False)  # resume: nothing is generated twice; the reader is reused
+  assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 6
   assert again["methods"][0]["f1"] == summary["methods"][0]["f1"]
+  assert "reusing the artefact" in capsys.readouterr().out
+  assert json.loads((tmp_path / "out" / "manifest.json").read_text())["artefacts"][0]["reused"] is True
+  # a reader trained elsewhere evaluates another set with everything held out (no training data needed)
+  other = config_lib.load(RagConfig, None, over + ["data.dataset=squad", "data.holdout=1.0",
+                                                    f"out_dir={tmp_path / 'out2'}"])
+  summary2 = run_rag(other, progress=False)
+  assert summary2["sets"]["squad:dev"]["counts"]["eval"] == 7
+  assert "reusing the artefact" in capsys.readouterr().out
+
+
+def test_rag_split_by_article_and_bad_inputs(tmp_path):
+  from diffrag import config as config_lib
+  from diffrag.rag.pipeline import RagConfig, load_set, run_rag, split_records
+  _squad_files(tmp_path / "data")
+  cfg = config_lib.load(RagConfig, None, _rag_overrides(tmp_path) + ["data.dataset=squad", "data.holdout=0.5"])
+  records, _ = load_set(cfg, "squad")
+  train, evals = split_records(cfg, records)
+  assert train and evals and not {r["group"] for r in train} & {r["group"] for r in evals}
+  with pytest.raises(ValueError, match="the sets that exist are"):
+    run_rag(config_lib.load(RagConfig, None, _rag_overrides(tmp_path) + ["reader.train_data=webqa"]), progress=False)
+  with pytest.raises(ValueError, match="no answerable question"):
+    run_rag(config_lib.load(RagConfig, None, _rag_overrides(tmp_path) + ["data.dataset=squad", "data.holdout=1.0"]),
+            progress=False)
+  with pytest.raises(ValueError, match="context limit"):
+    run_rag(config_lib.load(RagConfig, None, _rag_overrides(tmp_path) + [
+        "reader.train_data=squad_v1:train", "prompt.max_prompt_tokens=510"]), progress=False)
 
 
 def test_qa_readers_for_every_released_format(tmp_path):
-  from diffrag.data.readers import QA_FILES, read_qa
+  from diffrag.data.readers import QA_SETS, read_qa
   files = {
       "musique": [{"id": "m1", "question": "Q?", "answer": "A", "answer_aliases": ["a1"],
                    "paragraphs": [{"idx": 0, "title": "T", "paragraph_text": "P", "is_supporting": True}]}],
@@ -224,20 +275,23 @@ def test_qa_readers_for_every_released_format(tmp_path):
       "2wikimultihopqa": [{"_id": "w1", "question": "Q?", "answer": "B", "context": [["T", ["x"]]]}],
       "triviaqa": {"Data": [{"QuestionId": "t1", "Question": "Q?", "Answer": {"Value": "V", "Aliases": ["v", "V"]}}]},
   }
+  first = lambda name: tmp_path / next(iter(QA_SETS[name].values()))[0]
   for name, data in files.items():
-    path = tmp_path / QA_FILES[name]
+    path = first(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
-  (tmp_path / "nq_open").mkdir()
-  (tmp_path / QA_FILES["nq_open"]).write_text('{"question": "q", "answer": ["a", "b"]}\n')
-  (tmp_path / "popqa").mkdir()
-  (tmp_path / QA_FILES["popqa"]).write_text('id\tquestion\tpossible_answers\n7\twho?\t["x", "y"]\n')
+  first("nq_open").parent.mkdir()
+  first("nq_open").write_text('{"question": "q", "answer": ["a", "b"]}\n')
+  first("popqa").parent.mkdir()
+  first("popqa").write_text('id\tquestion\tpossible_answers\n7\twho?\t["x", "y"]\n')
   got = {name: read_qa(tmp_path, name)[0] for name in list(files) + ["nq_open", "popqa"]}
   assert got["musique"]["answers"] == ["A", "a1"] and got["musique"]["passages"][0]["text"] == "P"
   assert got["hotpotqa"]["passages"][0]["text"] == "s1 s2" and got["2wikimultihopqa"]["answers"] == ["B"]
   assert got["triviaqa"]["answers"] == ["V", "v"] and got["nq_open"]["answers"] == ["a", "b"]
-  assert got["popqa"] == {"id": "7", "question": "who?", "answers": ["x", "y"], "passages": []}
-  with pytest.raises(ValueError, match="unknown QA data set"):
+  assert got["popqa"] == {"id": "7", "question": "who?", "answers": ["x", "y"], "passages": [], "group": "7"}
+  with pytest.raises(ValueError, match="unknown QA data set 'webqa'; the sets that exist are"):
     read_qa(tmp_path, "webqa")
+  with pytest.raises(ValueError, match="has no split 'test'"):
+    read_qa(tmp_path, "squad_v1:test")
   with pytest.raises(FileNotFoundError, match="squad"):
     read_qa(tmp_path, "squad")

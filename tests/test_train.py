@@ -179,7 +179,7 @@ def test_loss_window_equals_full_loss_when_it_holds_every_maskable_position():
   optim = OptimConfig(lr=1e-3, warmup_steps=1)
   tx = step_lib.make_optimizer(optim, 10)
   state = step_lib.init_state(params, tx, optim, jax.random.key(1))
-  apply = lambda p, x, w=None: model.apply({"params": p}, x, output_window=w)
+  apply = step_lib.model_apply_fn(model)
   kw = dict(mask_id=cfg.mask_token_id, schedule=schedules.get("linear", 1e-3))
   full = step_lib.make_train_step(apply, tx, optim, **kw)
   win = step_lib.make_train_step(apply, tx, optim, loss_window=(16, 8), **kw)

@@ -50,7 +50,8 @@ def _fingerprint(root: Path, sources: tuple[str, ...]) -> str:
   """Changes when the source files change, so a stale prepared copy is never read."""
   h = hashlib.sha1(str(root.resolve()).encode())
   for sub in sources:
-    for f in sorted((root / sub).rglob("*")):
+    files = [root / sub] if (root / sub).is_file() else sorted((root / sub).rglob("*"))
+    for f in files:
       if f.is_file():
         st = f.stat()
         h.update(f"{f.relative_to(root)}:{st.st_size}:{int(st.st_mtime)}".encode())
@@ -86,15 +87,16 @@ def decode(record: dict) -> dict:
 
 
 class QADataset(tfds.core.GeneratorBasedBuilder):
-  """Questions, gold answers and shipped passages of a QA set (config name = the data set)."""
+  """Questions, gold answers and shipped passages of a QA set (config name = "<set>.<split>")."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  MANUAL_DOWNLOAD_INSTRUCTIONS = "Point the data directory at a folder laid out as readers.QA_FILES."
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "group feature (SQuAD article) for leak-free splits; named splits"}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Point the data directory at a folder laid out as readers.QA_SETS."
 
   def _info(self) -> tfds.core.DatasetInfo:
     text = tfds.features.Text()
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "id": text, "question": text, "answers": tfds.features.Sequence(text),
+        "id": text, "question": text, "answers": tfds.features.Sequence(text), "group": text,
         "passages": tfds.features.Sequence({"id": text, "title": text, "text": text})}))
 
   def _split_generators(self, dl_manager):
@@ -102,26 +104,32 @@ class QADataset(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, root: Path):
     seen = set()
-    for r in readers.read_qa(root, self.builder_config.name):
+    name = self.builder_config.name.replace(".", ":")
+    for r in readers.read_qa(root, name):
       if r["id"] in seen:
-        raise ValueError(f"duplicate question id {r['id']!r} in {self.builder_config.name}")
+        raise ValueError(f"duplicate question id {r['id']!r} in {name}")
       seen.add(r["id"])
       yield r["id"], r
 
 
-def qa_records(root: str | os.PathLike, dataset: str, cache_dir: str | os.PathLike = DEFAULT_CACHE) -> list[dict]:
-  """A QA set as python records, through its TFDS builder (prepared once per file version)."""
-  path = readers.qa_file(root, dataset)
-  builder = prepare(QADataset, root, dataset, (str(path.parent.relative_to(Path(root))),), cache_dir)
+def qa_records(root: str | os.PathLike, name: str, cache_dir: str | os.PathLike = DEFAULT_CACHE) -> tuple[list[dict], dict]:
+  """(records, info) of a QA set `name[:split]` through its TFDS builder (prepared once per file version).
+
+  info: {name, split, file}: the resolved split and the file read.
+  """
+  path, split = readers.qa_file(root, name)
+  dataset, _ = readers.parse_qa_name(name)
+  builder = prepare(QADataset, root, f"{dataset}.{split}", (str(path.relative_to(Path(root))),), cache_dir)
   source = builder.as_data_source(split="train")
   out = []
   for i in range(len(source)):
     r = source[i]
     ps = r["passages"]
     out.append({"id": _s(r["id"]), "question": _s(r["question"]), "answers": [_s(a) for a in r["answers"]],
+                "group": _s(r["group"]),
                 "passages": [{"id": _s(a), "title": _s(b), "text": _s(c)}
                              for a, b, c in zip(ps["id"], ps["title"], ps["text"])]})
-  return out
+  return out, {"name": f"{dataset}:{split}", "split": split, "file": str(path)}
 
 
 def _s(v) -> str:

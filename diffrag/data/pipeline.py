@@ -58,30 +58,97 @@ def text_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
   return it.batch(batch_size, drop_remainder=True)
 
 
-def pair_example(prompt_ids: Sequence[int], response_ids: Sequence[int], *, prompt_len: int, response_len: int,
-                 pad_id: int, eos_id: int, long: str = "error", what: str = "example") -> dict:
-  """One conditional example (LLaDA SFT / DiffuGR query -> DocID).
+class PairBatches:
+  """Conditional prompt -> response batches (LLaDA SFT, DiffuGR query -> DocID), bucketed by prompt length.
 
-  tokens = prompt (left-padded with pad_id to prompt_len) ++ response + EOS... (to response_len);
-  maskable = the response span only (trailing EOS included: the model learns to stop).
+  pairs: [(prompt_ids, response_ids)] unpadded. Each prompt goes to the smallest bucket
+  length >= its length (a bucket with fewer than `batch_size` prompts is merged into the
+  next longer one), is left-padded with `pad_id` to it, and the response is EOS-padded to
+  `response_len`. Batch b of epoch e holds examples of one bucket:
+    tokens [B, Lb + G] int32, maskable [B, Lb + G] (the response only, trailing EOS
+    included), attention_mask [B, Lb + G] (0 on the left padding).
+  Within an epoch every bucket is shuffled and cut into batches (a partial last batch is
+  dropped; the next epoch reshuffles), and the batch order is shuffled, all from
+  `seed` and the epoch number: index -> batch is a pure function, so the Grain iterator's
+  state (an index) resumes exactly. Prompts longer than the longest bucket raise, unless
+  `long="truncate"` (keeps the last tokens; counted in `truncated`).
   """
-  if len(response_ids) > response_len:
-    raise ValueError(f"{what}: response has {len(response_ids)} tokens, more than response_len={response_len}")
-  if len(prompt_ids) > prompt_len:
-    if long != "truncate":
-      raise ValueError(f"{what}: prompt has {len(prompt_ids)} tokens, more than prompt_len={prompt_len}; "
-                       "raise prompt_len or set long=truncate (keeps the last prompt_len tokens)")
-    prompt_ids = prompt_ids[-prompt_len:]
-  prompt = np.full((prompt_len,), pad_id, np.int32)
-  if len(prompt_ids):
-    prompt[prompt_len - len(prompt_ids):] = prompt_ids
-  response = np.full((response_len,), eos_id, np.int32)
-  response[:len(response_ids)] = response_ids
-  maskable = np.concatenate([np.zeros(prompt_len, bool), np.ones(response_len, bool)])
-  return {"tokens": np.concatenate([prompt, response]), "maskable": maskable}
+
+  def __init__(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int, seed: int,
+               buckets: Sequence[int], response_len: int, pad_id: int, eos_id: int, long: str = "error"):
+    if not pairs:
+      raise ValueError("no training pairs: the training set is empty (check the data set and its split)")
+    buckets = sorted(set(int(b) for b in buckets))
+    if not buckets or buckets[0] < 1:
+      raise ValueError(f"prompt buckets must be positive lengths, got {buckets}")
+    self.batch_size, self.seed, self.response_len = batch_size, seed, response_len
+    self.pad_id, self.eos_id, self.truncated = pad_id, eos_id, 0
+    self.prompts, self.responses = [], []
+    for i, (prompt, response) in enumerate(pairs):
+      prompt, response = list(prompt), list(response)
+      if len(response) > response_len:
+        raise ValueError(f"pair {i}: response has {len(response)} tokens, more than response_len={response_len}")
+      if len(prompt) > buckets[-1]:
+        if long != "truncate":
+          raise ValueError(f"pair {i}: prompt has {len(prompt)} tokens, more than the longest bucket {buckets[-1]}; "
+                           "raise the prompt budget or set long=truncate (keeps the last tokens)")
+        prompt = prompt[-buckets[-1]:]
+        self.truncated += 1
+      self.prompts.append(prompt)
+      self.responses.append(response)
+    lengths = np.array([len(p) for p in self.prompts])
+    which = np.searchsorted(np.array(buckets), lengths)
+    members = {b: np.flatnonzero(which == k) for k, b in enumerate(buckets)}
+    self.buckets: dict[int, np.ndarray] = {}
+    carry = np.zeros(0, np.int64)
+    for b in buckets:  # merge buckets too small for one batch into the next longer one
+      idx = np.concatenate([carry, members[b]])
+      if len(idx) >= batch_size or b == buckets[-1]:
+        if len(idx):
+          self.buckets[b] = idx
+        carry = np.zeros(0, np.int64)
+      else:
+        carry = idx
+    self.per_epoch = sum(len(v) // batch_size for v in self.buckets.values())
+    if self.per_epoch == 0:
+      raise ValueError(f"{len(pairs)} training pairs cannot fill one batch of {batch_size}: lower the batch size")
+    self._epochs: dict[int, list] = {}
+
+  def __len__(self) -> int:
+    return self.per_epoch
+
+  def _plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+    if epoch not in self._epochs:
+      rng = np.random.default_rng([self.seed, epoch])
+      plan = []
+      for b, idx in self.buckets.items():
+        perm = rng.permutation(idx)
+        plan += [(b, perm[j:j + self.batch_size]) for j in range(0, len(perm) - self.batch_size + 1, self.batch_size)]
+      order = rng.permutation(len(plan))
+      self._epochs = {epoch: [plan[j] for j in order]}  # keep one epoch's plan
+    return self._epochs[epoch]
+
+  def batch(self, index: int) -> dict:
+    length, rows = self._plan(int(index) // self.per_epoch)[int(index) % self.per_epoch]
+    g, n = self.response_len, len(rows)
+    tokens = np.full((n, length + g), self.pad_id, np.int32)
+    mask = np.zeros((n, length + g), np.int32)
+    tokens[:, length:] = self.eos_id
+    mask[:, length:] = 1
+    for r, i in enumerate(rows):
+      p, a = self.prompts[i], self.responses[i]
+      tokens[r, length - len(p):length] = p
+      mask[r, length - len(p):length] = 1
+      tokens[r, length:length + len(a)] = a
+    maskable = np.zeros((n, length + g), bool)
+    maskable[:, length:] = True
+    return {"tokens": tokens, "maskable": maskable, "attention_mask": mask}
+
+  def dataset(self, epochs: int = 100000) -> grain.IterDataset:
+    """The Grain dataset of batches (index -> `batch(index)`); iterate it, save/restore its iterator state."""
+    return grain.MapDataset.range(self.per_epoch * epochs).map(self.batch).to_iter_dataset()
 
 
-def pair_dataset(examples: Sequence[dict], *, batch_size: int, seed: int) -> grain.IterDataset:
-  """Shuffled, repeated batches of prebuilt `pair_example` dicts."""
-  return grain.MapDataset.source(list(examples)).shuffle(seed=seed).repeat().to_iter_dataset().batch(
-      batch_size, drop_remainder=True)
+def prompt_buckets(max_len: int, step: int = 32) -> list[int]:
+  """Bucket lengths step, 2 step, ... up to max_len (max_len always included)."""
+  return sorted(set(list(range(step, max_len, step)) + [max_len]))

@@ -99,14 +99,21 @@ def read_passages(root: str | os.PathLike, source: str) -> list[dict]:
 # Every reader returns [{id, question, answers: [str], passages: [{id, title, text}]}];
 # `passages` are the contexts a data set ships with its questions (empty for open sets).
 
-QA_FILES = {
-    "squad": "squad/squad2_dev_small.json",
-    "musique": "musique/musique_100.json",
-    "nq_open": "nq_open/NQ-open.dev.jsonl",
-    "hotpotqa": "hotpotqa/hotpot_dev_distractor_v1.json",
-    "2wikimultihopqa": "2wikimultihopqa/dev.json",
-    "triviaqa": "triviaqa/unfiltered-web-dev.json",
-    "popqa": "popqa/popQA.tsv",
+# name -> split -> candidate files (the first that exists is read: the full public release
+# where present, else the small copy shipped in ../shared/data). A set's default split is
+# the first one listed whose file exists.
+QA_SETS = {
+    "squad": {"dev": ["squad/squad2_dev_small.json"]},  # SQuAD 2.0 dev, two articles (the small copy)
+    "squad_v1": {"dev": ["squad/dev-v1.1.json"],
+                 "train": ["squad/train-v1.1.json", "squad/train-v1.1-first44.json"]},
+    "squad_v2": {"dev": ["squad/dev-v2.0.json"], "train": ["squad/train-v2.0.json"]},
+    "musique": {"dev": ["musique/musique_ans_v1.0_dev.jsonl"],
+                "train": ["musique/musique_ans_v1.0_train.jsonl", "musique/musique_100.json"]},
+    "nq_open": {"dev": ["nq_open/NQ-open.dev.jsonl"], "train": ["nq_open/NQ-open.train.jsonl"]},
+    "hotpotqa": {"dev": ["hotpotqa/hotpot_dev_distractor_v1.json"], "train": ["hotpotqa/hotpot_train_v1.1.json"]},
+    "2wikimultihopqa": {"dev": ["2wikimultihopqa/dev.json"], "train": ["2wikimultihopqa/train.json"]},
+    "triviaqa": {"dev": ["triviaqa/unfiltered-web-dev.json"], "train": ["triviaqa/unfiltered-web-train.json"]},
+    "popqa": {"test": ["popqa/popQA.tsv"]},
 }
 
 
@@ -121,9 +128,12 @@ def _json_or_jsonl(path: Path, what: str) -> list[dict]:
 
 
 def read_qa_squad(path) -> list[dict]:
+  """SQuAD v1.1 / v2.0: one record per question; its paragraph is the shipped passage and its
+  article the `group` (questions of one article share contexts: split by group, not by id)."""
   import hashlib  # pylint: disable=import-outside-toplevel
   digest = lambda s: hashlib.sha1(s.encode()).hexdigest()[:10]
   return [{"id": r["id"], "question": r["question"], "answers": list(dict.fromkeys(r["answers"])),
+           "group": r["title"],
            "passages": [{"id": f"squad-{digest(r['context'])}", "title": r["title"], "text": r["context"]}]}
           for r in read_squad(path)]
 
@@ -177,21 +187,47 @@ def read_qa_popqa(path) -> list[dict]:
            "passages": []} for i, r in enumerate(rows)]
 
 
-QA_READERS = {"squad": read_qa_squad, "musique": read_qa_musique, "nq_open": read_qa_nq_open,
-              "hotpotqa": read_qa_hotpot, "2wikimultihopqa": read_qa_hotpot, "triviaqa": read_qa_triviaqa,
-              "popqa": read_qa_popqa}
+QA_READERS = {"squad": read_qa_squad, "squad_v1": read_qa_squad, "squad_v2": read_qa_squad,
+              "musique": read_qa_musique, "nq_open": read_qa_nq_open, "hotpotqa": read_qa_hotpot,
+              "2wikimultihopqa": read_qa_hotpot, "triviaqa": read_qa_triviaqa, "popqa": read_qa_popqa}
 
 
-def qa_file(root, dataset: str, file: str | None = None) -> Path:
-  if dataset not in QA_READERS:
-    raise ValueError(f"unknown QA data set {dataset!r}; expected one of {sorted(QA_READERS)}")
-  return require_file(Path(file) if file else Path(root) / QA_FILES[dataset], f"QA data set {dataset!r}")
+def parse_qa_name(name: str) -> tuple[str, str | None]:
+  """"squad_v1:train" -> ("squad_v1", "train"); "musique" -> ("musique", None); unknown names raise."""
+  dataset, _, split = str(name).partition(":")
+  if dataset not in QA_SETS:
+    raise ValueError(f"unknown QA data set {dataset!r}; the sets that exist are {sorted(QA_SETS)} "
+                     "(name or name:split, e.g. squad_v1:train)")
+  if split and split not in QA_SETS[dataset]:
+    raise ValueError(f"QA data set {dataset!r} has no split {split!r}; its splits are {sorted(QA_SETS[dataset])}")
+  return dataset, split or None
 
 
-def read_qa(root, dataset: str, file: str | None = None) -> list[dict]:
-  """The records of a QA data set in its released format (see QA_FILES for the default paths)."""
-  path = qa_file(root, dataset, file)
-  return QA_READERS[dataset](path)
+def qa_file(root, name: str) -> tuple[Path, str]:
+  """(file, split) of a QA set `name[:split]`: the first candidate file that exists."""
+  dataset, split = parse_qa_name(name)
+  splits = [split] if split else list(QA_SETS[dataset])
+  for sp in splits:
+    for rel in QA_SETS[dataset][sp]:
+      if (Path(root) / rel).exists():
+        return Path(root) / rel, sp
+  wanted = [str(Path(root) / rel) for sp in splits for rel in QA_SETS[dataset][sp]]
+  raise FileNotFoundError(f"QA data set {name!r}: none of {wanted} exists; place the public release there or "
+                          "point --data-dir at the folder that holds it")
+
+
+def read_qa(root, name: str) -> list[dict]:
+  """The records of a QA set `name[:split]` in its released format (files: QA_SETS).
+
+  Record: {id, question, answers, group, passages: [{id, title, text}]}; `group` is what
+  questions sharing a context have in common (the SQuAD article; else the question id).
+  """
+  dataset, _ = parse_qa_name(name)
+  path, _ = qa_file(root, name)
+  records = QA_READERS[dataset](path)
+  for r in records:
+    r.setdefault("group", r["id"])
+  return records
 
 
 # --------------------------------------------------------------------- retrieval sets

@@ -17,6 +17,7 @@ token(l, k) = base + l * K + k, the collision level using base + L * K + j.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import defaultdict
 from typing import Sequence
 
@@ -25,9 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class DocIDTable:
-  """codes: [N, Lc] int token ids (every row unique); doc_ids: the N corpus ids, same order."""
+  """codes: [N, Lc] int token ids (every row unique); doc_ids: the N corpus ids, same order.
+
+  Hashed by identity (a table is built once per run), so transforms and jitted decoders
+  built from it can be cached per table; `index` is the constraint index (built once)."""
 
   codes: np.ndarray
   doc_ids: tuple[str, ...]
@@ -45,12 +49,18 @@ class DocIDTable:
   def length(self) -> int:
     return self.codes.shape[1]
 
-  def lookup(self) -> dict[tuple[int, ...], int]:
+  @functools.cached_property
+  def index(self):
+    from diffrag.gr.constraints import DocIDIndex  # pylint: disable=import-outside-toplevel
+    return DocIDIndex.build(self.codes)
+
+  @functools.cached_property
+  def _lookup(self) -> dict[tuple[int, ...], int]:
     return {tuple(r): i for i, r in enumerate(self.codes.tolist())}
 
   def decode(self, canvases) -> np.ndarray:
     """[M, Lc] generated canvases -> [M] document index, -1 where the canvas is no DocID."""
-    table = self.lookup()
+    table = self._lookup
     return np.asarray([table.get(tuple(r), -1) for r in np.asarray(canvases).tolist()], np.int64)
 
 

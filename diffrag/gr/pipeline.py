@@ -3,28 +3,48 @@
 Data (local files, read through the IRDataset TFDS builder): a BEIR folder (`corpus.jsonl`,
 `queries.jsonl`, `qrels/<split>.tsv`, e.g. ../shared/data/scifact) or the TSV layout used by
 MS MARCO and NQ320K exports (`collection.tsv` / `corpus.tsv`: docid, [title,] text;
-`queries.<split>.tsv`: qid, text; `qrels.<split>.tsv`: TREC or BEIR qrels). Queries whose relevant documents are all outside
-the corpus are dropped from evaluation and counted; so are run entries with unknown ids.
+`queries.<split>.tsv`: qid, text; `qrels.<split>.tsv`: TREC or BEIR qrels). A folder with
+no training qrels is a zero-shot corpus: the retriever learns the documents only
+(indexing pairs and document-derived pseudo-queries). Queries whose relevant documents are
+all outside the corpus are dropped from evaluation and counted; so are run entries with
+unknown ids.
 
-Outputs under out_dir: run.trec (the default mode) and run_<mode>.trec for every mode,
-metrics.json, gr.md / gr.csv, plots (recall@1 and latency vs T, diffusion vs AR,
-pseudo-beam vs top-k), docids.json (DocID statistics).
+Training pairs (all mapped to the document's DocID; the query or text is the clean prompt,
+the DocID canvas is masked):
+  * query pairs: the training split's qrels, repeated `train.query_repeat` times;
+  * indexing: the document body (without its title unless `train.index_with_title`: with
+    title DocIDs the title would make indexing a copy task);
+  * pseudo-queries: up to `train.pseudo_queries` sentences of the body (DSI-QG / NCI style,
+    generated from the document itself, never from evaluation queries).
+
+The diffusion retriever and its autoregressive twin (same backbone with a causal mask and
+next-token CE) are artefacts keyed by everything that made them, trained with the same
+pairs, steps, batch, optimizer and schedule by default. Outputs under out_dir: run.trec
+(the default mode) and run_<mode>.trec for every mode, metrics.json (per-method metrics,
+paired comparisons, counts), gr.md / gr.csv, manifest.json, plots, docids.json.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from diffrag.experiment import stats
+from diffrag.experiment.provenance import array_digest, fingerprint, write_manifest
+from diffrag.experiment.store import ArtefactStore
+from diffrag.experiment.timing import Stopwatch
 from diffrag.gr import decode as D
 from diffrag.gr.docids import DocIDTable, extend_vocab, linguistic_docids, rq_docids
 from diffrag.report import pyplot, save_figure, write_table
 from diffrag.retrieval import trec
+
+RECIPE = "gr-v2"  # bump when the retriever's training code changes what it learns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,14 +52,16 @@ class GRData:
   dataset: str = "scifact"
   data_dir: str | None = None
   layout: str = "beir"             # beir | tsv (MS MARCO / NQ320K exports)
-  train_split: str = "train"
+  train_split: str | None = "train"  # absent from the folder (or null): zero-shot, documents only
   eval_split: str = "test"
   limit: int = 0                   # evaluate at most this many queries (0 = all)
+  empty_docs: str = "error"        # error | drop (documents with neither title nor text; counted)
 
 
 @dataclasses.dataclass(frozen=True)
 class DocIDSpec:
   kind: str = "linguistic"         # linguistic (title or leading tokens) | rq (residual k-means codes)
+  source: str = "title"            # linguistic: title (leading tokens where there is none) | leading
   max_tokens: int = 16             # linguistic canvas
   levels: int = 3                  # rq
   codes: int = 64
@@ -58,11 +80,15 @@ class GRTrain:
   steps: int = 400
   batch_size: int = 32
   lr: float = 3.0e-4
-  query_tokens: int = 32           # prompt length (queries, and documents for indexing)
-  indexing: bool = True            # document text -> DocID pairs for every document
+  warmup_steps: int = 20
+  query_tokens: int = 32           # prompt budget (queries, document bodies and pseudo-queries)
+  indexing: bool = True            # document body -> DocID for every document
+  index_with_title: bool = False   # put the title in the indexing input (a copy task for title DocIDs)
+  pseudo_queries: int = 0          # sentences of each document used as pseudo-queries (0 = none)
   query_repeat: int = 2            # query -> DocID pairs are repeated this many times in the mix
-  out_dir: str = "outputs/gr/retriever"
-  ar_steps: int = 400              # autoregressive baseline (0 = skip)
+  ar_steps: int | None = None      # autoregressive twin: None = the same steps as diffusion, 0 = skip
+  seed: int = 0
+  store: str = "outputs/artefacts"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +103,7 @@ class GRDecode:
   one_pass: int = 100              # top-k of one-pass scoring (0 = off)
   elbo_rerank: int = 0             # re-rank this many one-pass candidates by the MC ELBO (0 = off)
   batch_size: int = 32
+  compare_to: str = "bm25"         # every row's paired difference is against this row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,75 +122,158 @@ class GRConfig:
 
 
 def load_ir(cfg: GRConfig):
-  """(corpus records, queries {qid: text}, train qrels, eval qrels) through the IRDataset TFDS builder."""
+  """(corpus records, queries {qid: text}, train qrels or {}, eval qrels, info) through IRDataset."""
   from diffrag.data import data_dir  # pylint: disable=import-outside-toplevel
   from diffrag.data.builders import ir_records  # pylint: disable=import-outside-toplevel
-  corpus, queries, qrels = ir_records(data_dir(cfg.data.data_dir), cfg.data.dataset, cfg.data.layout,
-                                      cfg.cache_dir + "/tfds")
-  for split in (cfg.data.train_split, cfg.data.eval_split):
-    if split not in qrels:
-      raise ValueError(f"no qrels for split {split!r} in {cfg.data.dataset}; found {sorted(qrels)}")
-  return corpus, queries, qrels[cfg.data.train_split], qrels[cfg.data.eval_split]
+  root = data_dir(cfg.data.data_dir)
+  corpus, queries, qrels = ir_records(root, cfg.data.dataset, cfg.data.layout, cfg.cache_dir + "/tfds")
+  if cfg.data.eval_split not in qrels:
+    raise ValueError(f"no qrels for the evaluation split {cfg.data.eval_split!r} in {cfg.data.dataset}; "
+                     f"found {sorted(qrels)}")
+  train = qrels.get(cfg.data.train_split, {}) if cfg.data.train_split else {}
+  info = {"dataset": cfg.data.dataset, "layout": cfg.data.layout, "folder": str((root / cfg.data.dataset).resolve()),
+          "splits": sorted(qrels), "train_split": cfg.data.train_split if train else None,
+          "zero_shot": not train}
+  return corpus, queries, train, qrels[cfg.data.eval_split], info
 
 
-def _clean_qrels(qrels, known: set[str], queries) -> tuple[dict, int]:
-  """Keeps relevant documents that exist; drops queries left with none (counted)."""
-  out, dropped = {}, 0
+def drop_empty(records, policy: str):
+  """(records, dropped ids): documents with neither title nor text are an error or dropped."""
+  if policy not in ("error", "drop"):
+    raise ValueError(f"data.empty_docs={policy!r}; expected error or drop")
+  empty = [r["id"] for r in records if not (r.get("title") or "").strip() and not (r.get("text") or "").strip()]
+  if empty and policy == "error":
+    raise ValueError(f"{len(empty)} documents have neither title nor text (e.g. {empty[:3]}); set "
+                     "data.empty_docs=drop to drop them (they and the qrels pointing at them are counted)")
+  gone = set(empty)
+  return [r for r in records if r["id"] not in gone], empty
+
+
+def _clean_qrels(qrels, known: set[str], queries) -> tuple[dict, int, int]:
+  """Keeps relevant documents that exist; drops queries left with none. Returns
+  (qrels, queries dropped, qrel entries pointing outside the corpus)."""
+  out, dropped, missing = {}, 0, 0
   for q, rel in qrels.items():
     kept = {d: v for d, v in rel.items() if v > 0 and d in known}
+    missing += sum(1 for d, v in rel.items() if v > 0 and d not in known)
     if kept and q in queries:
       out[q] = kept
     elif any(v > 0 for v in rel.values()):
       dropped += 1
-  return out, dropped
+  return out, dropped, missing
 
 
-def _prompts(tok, texts, length, pad_id) -> np.ndarray:
-  """[N, length] left-padded `[CLS] text` prompts (cut at `length`; BERT's trailing [SEP] dropped)."""
-  out = np.full((len(texts), length), pad_id, np.int32)
-  for i, t in enumerate(texts):
-    ids = tok(t, add_special_tokens=True)["input_ids"]
-    if tok.sep_token_id is not None and ids and ids[-1] == tok.sep_token_id:
-      ids = ids[:-1]
-    ids = ids[:length]
-    out[i, length - len(ids):] = ids
-  return out
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentences(text: str, min_words: int = 4) -> list[str]:
+  """The sentences of `text` with at least `min_words` words (pseudo-queries)."""
+  return [s.strip() for s in _SENTENCE.split(text or "") if len(s.split()) >= min_words]
+
+
+def _tokens(tok, text: str, limit: int) -> list[int]:
+  """`[CLS] text` ids cut to `limit` (BERT's trailing [SEP] dropped: the canvas follows)."""
+  ids = tok(text, add_special_tokens=True)["input_ids"]
+  if tok.sep_token_id is not None and ids and ids[-1] == tok.sep_token_id:
+    ids = ids[:-1]
+  return ids[:limit]
+
+
+def left_pad(rows, length: int, pad_id: int):
+  ids = np.full((len(rows), length), pad_id, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, r in enumerate(rows):
+    ids[i, length - len(r):], mask[i, length - len(r):] = r, 1
+  return ids, mask
+
+
+def training_pairs(cfg: GRConfig, tok, corpus, queries, train_qrels, table: DocIDTable, index: dict):
+  """[(prompt ids, DocID ids)] and counts per kind."""
+  p = cfg.train.query_tokens
+  code = lambda d: table.codes[d].tolist()
+  pairs, counts = [], {"query": 0, "indexing": 0, "pseudo_query": 0}
+  qpairs = [(q, index[d]) for q, rel in sorted(train_qrels.items()) for d in rel]
+  for _ in range(cfg.train.query_repeat):
+    pairs += [(_tokens(tok, queries[q], p), code(d)) for q, d in qpairs]
+  counts["query"] = len(qpairs) * cfg.train.query_repeat
+  for d in range(len(corpus)):
+    if cfg.train.indexing:
+      text = corpus.document(d, with_title=cfg.train.index_with_title) or corpus.titles[d]
+      pairs.append((_tokens(tok, text, p), code(d)))
+      counts["indexing"] += 1
+    for s in sentences(corpus.texts[d])[:cfg.train.pseudo_queries]:
+      pairs.append((_tokens(tok, s, p), code(d)))
+      counts["pseudo_query"] += 1
+  if not pairs:
+    raise ValueError("no training pairs: the folder has no training qrels and train.indexing=false, "
+                     "train.pseudo_queries=0; turn on indexing or pseudo-queries")
+  return pairs, counts
 
 
 # ---------------------------------------------------------------------------- training
 
 
-def _train(cfg: GRConfig, model, params, tok, prompts_q, prompts_d, pairs, table: DocIDTable, *, objective, steps,
-           out_dir):
-  from diffrag.data.pipeline import pair_dataset, pair_example  # pylint: disable=import-outside-toplevel
+def _train(cfg: GRConfig, model, params, tok, pairs, table: DocIDTable, *, objective: str, steps: int, spec: dict):
+  """Trains (or reuses on an exact spec match) one retriever; returns (model, params, artefact record)."""
+  from diffrag.data.pipeline import PairBatches, prompt_buckets  # pylint: disable=import-outside-toplevel
+  from diffrag.models import from_pretrained  # pylint: disable=import-outside-toplevel
   from diffrag.train.loop import LoopSpec, MeshSpec, TrainConfig, run  # pylint: disable=import-outside-toplevel
   from diffrag.train.step import OptimConfig  # pylint: disable=import-outside-toplevel
-  p, lc = cfg.train.query_tokens, table.length
-  ex = []
-  for _ in range(cfg.train.query_repeat):
-    ex += [_pair(prompts_q[q], table.codes[d], p, lc) for q, d in pairs]
-  if cfg.train.indexing:
-    ex += [_pair(prompts_d[d], table.codes[d], p, lc) for d in range(len(table.doc_ids))]
-  tcfg = TrainConfig(optim=OptimConfig(lr=cfg.train.lr, warmup_steps=max(1, steps // 20), schedule="cosine",
-                                       weight_decay=0.01, b2=0.98, lora_rank=cfg.model.lora_rank),
-                     train=LoopSpec(steps=steps, batch_size=cfg.train.batch_size, log_every=25,
-                                    checkpoint_every=steps, out_dir=out_dir, export=False, loss_window=[p, lc],
+  tr, lc = cfg.train, table.length
+  tcfg = TrainConfig(optim=OptimConfig(lr=tr.lr, warmup_steps=tr.warmup_steps, schedule="cosine", weight_decay=0.01,
+                                       b2=0.98, lora_rank=cfg.model.lora_rank),
+                     train=LoopSpec(steps=steps, batch_size=tr.batch_size, seed=tr.seed, log_every=25,
+                                    checkpoint_every=max(50, steps // 6), export=True, loss_window=[-lc, lc],
                                     objective=objective),
                      mesh=MeshSpec(data=1))
-  result = run(tcfg, batches=iter(pair_dataset(ex, batch_size=cfg.train.batch_size, seed=cfg.docids.seed)),
-               initial=(model, params, tok))
-  if result.history:
-    last = result.history[-1]
-    print(f"{objective} retriever: {len(ex)} pairs, {steps} steps, loss {last['loss']:.3f}, "
-          f"token accuracy {last['masked_accuracy']:.3f}")
+  store = ArtefactStore(tr.store)
+  art = store.get(f"{objective}_retriever", {**spec, "objective": objective, "optim": tcfg.optim, "train": tcfg.train})
+  reused = art.done
+  if not reused:
+    eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.sep_token_id
+    batches = PairBatches(pairs, batch_size=tr.batch_size, seed=tr.seed,
+                          buckets=prompt_buckets(tr.query_tokens, 8), response_len=lc,
+                          pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos, eos_id=eos)
+    t0 = time.perf_counter()
+    result = run(dataclasses.replace(tcfg, train=dataclasses.replace(tcfg.train, out_dir=str(art.path / "train"))),
+                 batches=iter(batches.dataset()), initial=(model, params, tok))
+    last = result.history[-1] if result.history else {}
+    store.finish(art, {"steps": steps, "batch_size": tr.batch_size, "examples_seen": steps * tr.batch_size,
+                       "pairs": len(pairs), "wall_seconds": round(time.perf_counter() - t0, 1),
+                       "final_loss": last.get("loss"), "final_token_accuracy": last.get("masked_accuracy")})
+    print(f"{objective} retriever: {len(pairs)} pairs, {steps} steps, loss {last.get('loss', float('nan')):.3f}")
+  trained, trained_params = from_pretrained(art.path / "train" / "hf", dtype=cfg.model.dtype)
+  return trained, trained_params, art.record(reused)
+
+
+def _docid_table(cfg: GRConfig, corpus, tok, model, params, dense, store: ArtefactStore):
+  """(table, model, params, artefact record or None): linguistic DocIDs, or RQ codes (an artefact)
+  with the vocabulary extended by one token per code."""
+  eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.sep_token_id
+  if cfg.docids.kind == "linguistic":
+    if cfg.docids.source not in ("title", "leading"):
+      raise ValueError(f"docids.source={cfg.docids.source!r}; expected title or leading")
+    titles = corpus.titles if cfg.docids.source == "title" else [""] * len(corpus)
+    return linguistic_docids(titles, corpus.texts, corpus.ids, tok, max_tokens=cfg.docids.max_tokens,
+                             eos_id=eos), model, params, None
+  if cfg.docids.kind != "rq":
+    raise ValueError(f"docids.kind={cfg.docids.kind!r}; expected linguistic or rq")
+  vocab = model.config.vocab_size
+  art = store.get("rq_docids", {"embeddings": array_digest(dense.embeddings), "ids": fingerprint(list(corpus.ids)),
+                                "levels": cfg.docids.levels, "codes": cfg.docids.codes, "seed": cfg.docids.seed,
+                                "base_token": vocab})
+  reused = art.done
+  if reused:
+    saved = np.load(art.path / "codes.npz")
+    table = DocIDTable(saved["codes"], tuple(corpus.ids), "rq", json.loads(str(saved["stats"])))
   else:
-    print(f"{objective} retriever: reusing {result.out_dir} (step {int(result.state.step)})")
-  return result.model, result.state.params
-
-
-def _pair(prompt, code, p, lc):
-  return {"tokens": np.concatenate([prompt, code]).astype(np.int32),
-          "maskable": np.concatenate([np.zeros(p, bool), np.ones(lc, bool)])}
+    t0 = time.perf_counter()
+    table = rq_docids(dense.embeddings, corpus.ids, levels=cfg.docids.levels, codes=cfg.docids.codes,
+                      base_token=vocab, seed=cfg.docids.seed)
+    np.savez(art.path / "codes.npz", codes=table.codes, stats=json.dumps(table.stats))
+    store.finish(art, {"wall_seconds": round(time.perf_counter() - t0, 1), **table.stats})
+  new_cfg, params = extend_vocab(model.config, params, table.stats["new_tokens"], seed=cfg.docids.seed)
+  return table, type(model)(new_cfg), params, art.record(reused)
 
 
 # ------------------------------------------------------------------------------- run
@@ -174,119 +284,176 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   from diffrag.retrieval import BM25Retriever, Corpus, DenseRetriever, default_encoder  # pylint: disable=import-outside-toplevel
   out = Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  records, queries, train_qrels, eval_qrels = load_ir(cfg)
+  walls: dict[str, float] = {}
+  t0 = time.perf_counter()
+  records, queries, train_qrels, eval_qrels, info = load_ir(cfg)
+  records, empty = drop_empty(records, cfg.data.empty_docs)
   corpus = Corpus.from_records(records)
   known = set(corpus.ids)
   index = {d: i for i, d in enumerate(corpus.ids)}
-  train_qrels, dropped_train = _clean_qrels(train_qrels, known, queries)
-  eval_qrels, dropped_eval = _clean_qrels(eval_qrels, known, queries)
+  empty_set = set(empty)
+  counts = {"documents": len(corpus), "empty_documents_dropped": len(empty),
+            "qrels_pointing_at_dropped_documents": sum(1 for qr in (train_qrels, eval_qrels) for rel in qr.values()
+                                                       for d in rel if d in empty_set)}
+  train_qrels, dropped_train, _ = _clean_qrels(train_qrels, known, queries)
+  eval_qrels, dropped_eval, _ = _clean_qrels(eval_qrels, known, queries)
   eval_ids = sorted(eval_qrels)[:cfg.data.limit or None]
   eval_qrels = {q: eval_qrels[q] for q in eval_ids}
-  counts = {"documents": len(corpus), "train_queries": len(train_qrels), "eval_queries": len(eval_ids),
-            "train_queries_dropped_relevant_not_in_corpus": dropped_train,
-            "eval_queries_dropped_relevant_not_in_corpus": dropped_eval}
+  # no evaluation query is ever a training query (by id or by text): removed and counted
+  eval_text = {" ".join(queries[q].lower().split()) for q in eval_ids}
+  leaked = [q for q in train_qrels if q in eval_qrels or " ".join(queries[q].lower().split()) in eval_text]
+  for q in leaked:
+    del train_qrels[q]
+  counts.update({"train_queries": len(train_qrels), "eval_queries": len(eval_ids),
+                 "train_queries_dropped_relevant_not_in_corpus": dropped_train,
+                 "eval_queries_dropped_relevant_not_in_corpus": dropped_eval,
+                 "eval_queries_in_training_removed": len(leaked), "zero_shot": info["zero_shot"]})
+  if info["zero_shot"]:
+    print(f"gr: {cfg.data.dataset} has no training qrels ({cfg.data.train_split!r}): zero-shot, the retriever learns "
+          "the documents only (indexing + pseudo-queries)")
+  walls["load_data"] = time.perf_counter() - t0
   source = cfg.model.checkpoint or minilm_path()
   tok = load_tokenizer(source)
-  encoder = None
+  dense = None
   if cfg.docids.kind == "rq" or "dense" in cfg.baselines:
-    encoder = default_encoder()
-    dense = DenseRetriever(corpus, encoder, cache_dir=cfg.cache_dir, progress=progress)
+    dense = DenseRetriever(corpus, default_encoder(), cache_dir=cfg.cache_dir, progress=progress)
   model, params = from_pretrained(source, dtype=cfg.model.dtype, init_missing_head=cfg.model.checkpoint is None)
-  vocab = model.config.vocab_size
-  eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.sep_token_id
-  pad = model.config.pad_token_id if model.config.pad_token_id is not None else (tok.pad_token_id or eos)
-  if cfg.docids.kind == "linguistic":
-    table = linguistic_docids(corpus.titles, corpus.texts, corpus.ids, tok, max_tokens=cfg.docids.max_tokens,
-                              eos_id=eos)
-  elif cfg.docids.kind == "rq":
-    table = rq_docids(dense.embeddings, corpus.ids, levels=cfg.docids.levels, codes=cfg.docids.codes,
-                      base_token=vocab, seed=cfg.docids.seed)
-    new_cfg, params = extend_vocab(model.config, params, table.stats["new_tokens"], seed=cfg.docids.seed)
-    model = type(model)(new_cfg)
-  else:
-    raise ValueError(f"docids.kind={cfg.docids.kind!r}; expected linguistic or rq")
+  store = ArtefactStore(cfg.train.store)
+  table, model, params, docid_record = _docid_table(cfg, corpus, tok, model, params, dense, store)
   (out / "docids.json").write_text(json.dumps({"kind": table.kind, **table.stats}, indent=2))
-  p = cfg.train.query_tokens
-  prompts_q = {q: row for q, row in zip(queries, _prompts(tok, list(queries.values()), p, pad))}
-  prompts_d = _prompts(tok, [corpus.document(i) for i in range(len(corpus))], p, pad)
-  pairs = [(q, index[d]) for q, rel in sorted(train_qrels.items()) for d in rel]
-  kind_dir = f"{cfg.train.out_dir}/{table.kind}"
-  dm, dparams = _train(cfg, model, params, tok, prompts_q, prompts_d, pairs, table, objective="diffusion",
-                       steps=cfg.train.steps, out_dir=f"{kind_dir}/diffusion")
-  eval_prompts = np.stack([prompts_q[q] for q in eval_ids])
-  rows, runs, curves = [], {}, []
+  pairs, pair_counts = training_pairs(cfg, tok, corpus, queries, train_qrels, table, index)
+  counts["training_pairs"] = pair_counts
+  flat = np.concatenate([np.asarray(p + [-1] + c + [-2], np.int64) for p, c in pairs])
+  spec = {"recipe": RECIPE, "init": str(cfg.model.checkpoint or "all-MiniLM-L6-v2"), "dtype": cfg.model.dtype,
+          "lora_rank": cfg.model.lora_rank, "data": info | {"eval_split": cfg.data.eval_split},
+          "docids": dataclasses.asdict(cfg.docids), "table": array_digest(table.codes),
+          "index_with_title": cfg.train.index_with_title, "pseudo_queries": cfg.train.pseudo_queries,
+          "query_repeat": cfg.train.query_repeat, "query_tokens": cfg.train.query_tokens,
+          "pairs": array_digest(flat), "n_pairs": len(pairs)}
+  t0 = time.perf_counter()
+  dm, dparams, d_record = _train(cfg, model, params, tok, pairs, table, objective="diffusion",
+                                 steps=cfg.train.steps, spec=spec)
+  walls["train_diffusion"] = time.perf_counter() - t0
+  pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+  q_ids, q_mask = left_pad([_tokens(tok, queries[q], cfg.train.query_tokens) for q in eval_ids],
+                           cfg.train.query_tokens, pad)
+  per_query, rows, curves = {}, [], []
+  budget = lambda rec: {"train_steps": rec.get("steps"), "train_examples_seen": rec.get("examples_seen"),
+                        "train_s": rec.get("wall_seconds")}
+  index_input = "title+body" if cfg.train.index_with_title else "body"
 
-  def record(name, family, t, rankings, invalid, seconds, samples=1):
+  def record(name, family, t, decoded: D.Decoded | None, rankings=None, samples=1, train_rec=None, timing=None):
+    rankings = decoded.rankings if decoded is not None else rankings
     ranked = {q: [(corpus.ids[d], s) for d, s in r] for q, r in zip(eval_ids, rankings)}
     trec.write_run(out / f"run_{name}.trec", ranked, tag=name)
-    m = trec.evaluate(trec.read_run(out / f"run_{name}.trec"), eval_qrels, known_docs=known)
-    runs[name] = m
-    row = {"method": name, "model": family, "docids": table.kind, "T": t,
-           "recall@1": round(100 * m["recall@1"], 2), "recall@10": round(100 * m["recall@10"], 2),
-           "recall@100": round(100 * m["recall@100"], 2), "mrr@10": round(100 * m["mrr@10"], 2),
-           "mrr@100": round(100 * m["mrr@100"], 2),
-           "invalid_%": round(100 * invalid / max(len(eval_ids) * samples, 1), 2) if invalid is not None else "",
-           "ms_per_query": round(1000 * seconds / max(len(eval_ids), 1), 1)}
+    run = trec.read_run(out / f"run_{name}.trec")
+    _, scores = trec.per_query(run, eval_qrels)
+    per_query[name] = scores
+    extra = trec.evaluate(run, eval_qrels, known_docs=known)
+    r10, nd = stats.bootstrap_ci(scores["recall@10"]), stats.bootstrap_ci(scores["ndcg@10"])
+    row = {"method": name, "model": family, "docids": table.kind if train_rec else "",
+           "index_input": index_input if train_rec else "", "T": t, "n": len(eval_ids),
+           "recall@1": round(100 * float(scores["recall@1"].mean()), 2),
+           "recall@10": round(100 * r10[0], 2), "recall@10_ci": f"[{100 * r10[1]:.2f}, {100 * r10[2]:.2f}]",
+           "recall@100": round(100 * float(scores["recall@100"].mean()), 2),
+           "mrr@10": round(100 * float(scores["mrr@10"].mean()), 2),
+           "ndcg@10": round(100 * nd[0], 2), "ndcg@10_ci": f"[{100 * nd[1]:.2f}, {100 * nd[2]:.2f}]",
+           "invalid_%": round(100 * decoded.invalid / max(len(eval_ids) * samples, 1), 2)
+           if decoded is not None else "",
+           "forward_passes": round(decoded.forward, 2) if decoded is not None else "",
+           "unknown_docids": int(extra.get("unknown_docids_in_run", 0))}
+    tm = decoded.timing if decoded is not None else timing
+    row["ms_per_query"] = round(decoded.ms_per_query, 2) if decoded is not None else \
+        round(1000 * tm.seconds / max(len(eval_ids), 1), 2)
+    row["compile_s"] = round(tm.compile_seconds, 2)
+    row["compiles_in_timed"] = tm.compiles_in_timed
+    row.update(budget(train_rec) if train_rec else {"train_steps": "", "train_examples_seen": "", "train_s": ""})
     rows.append(row)
-    print(row, flush=True)
+    print({k: row[k] for k in ("method", "recall@1", "recall@10", "ndcg@10", "ms_per_query")}, flush=True)
     return row
 
   for name in cfg.baselines:
-    t0 = time.perf_counter()
-    retr = BM25Retriever(corpus) if name == "bm25" else dense if name == "dense" else None
-    if retr is None:
+    if name not in ("bm25", "dense"):
       raise ValueError(f"baselines: unknown {name!r}; expected bm25 or dense")
-    idx, sc = retr.search([queries[q] for q in eval_ids], 100)
-    record(name, "MiniLM dense" if name == "dense" else "BM25", "", [list(zip(i.tolist(), s.tolist()))
-                                                                     for i, s in zip(idx, sc)], None,
-           time.perf_counter() - t0)
+    retr = BM25Retriever(corpus) if name == "bm25" else dense
+    sw = Stopwatch()
+    texts = [queries[q] for q in eval_ids]
+    with sw.warmup():
+      retr.search(texts[:8], 100)
+    with sw.timed():
+      idx, sc = retr.search(texts, 100)
+    record(name, "MiniLM dense" if name == "dense" else "BM25", "", None,
+           rankings=[list(zip(i.tolist(), s.tolist())) for i, s in zip(idx, sc)], timing=sw.timing)
   bs, lc = cfg.decode.batch_size, table.length
-  ts = sorted({min(int(t), lc) for t in cfg.decode.steps})
-  for t in ts:
+  fam = "diffusion"
+  t0 = time.perf_counter()
+  for t in sorted({min(int(t), lc) for t in cfg.decode.steps}):
     for constrained in [c for c, on in ((True, cfg.decode.constrained), (False, cfg.decode.unconstrained)) if on]:
-      # warm up (compile) on one batch, then time the whole set
-      D.t_step(dm, dparams, eval_prompts[:bs], table, t, constrained=constrained, batch=bs)
-      r = record(f"diffusion_T{t}{'_constrained' if constrained else ''}", "MiniLM diffusion", t,
-                 *D.t_step(dm, dparams, eval_prompts, table, t, constrained=constrained, batch=bs))
-      curves.append((t, constrained, r["recall@1"], r["ms_per_query"]))
+      dec = D.t_step(dm, dparams, q_ids, q_mask, table, t, constrained=constrained, batch=bs)
+      r = record(f"diffusion_T{t}{'_constrained' if constrained else ''}", fam, t, dec, train_rec=d_record)
+      curves.append((t, constrained, r["recall@1"], r["ms_per_query"], r["forward_passes"]))
   if cfg.decode.pseudo_beam:
     b = cfg.decode.pseudo_beam
     t_pb = min(cfg.decode.pseudo_beam_steps, lc)
-    D.pseudo_beam(dm, dparams, eval_prompts[:1], table, b, steps=t_pb, batch=bs)
-    record(f"pseudo_beam_B{b}", "MiniLM diffusion", t_pb,
-           *D.pseudo_beam(dm, dparams, eval_prompts, table, b, steps=t_pb,
-                          temperature=cfg.decode.pseudo_beam_temperature, batch=bs), samples=b)
+    record(f"pseudo_beam_B{b}", fam, t_pb,
+           D.pseudo_beam(dm, dparams, q_ids, q_mask, table, b, steps=t_pb,
+                         temperature=cfg.decode.pseudo_beam_temperature, batch=bs), samples=b, train_rec=d_record)
   if cfg.decode.beam:
-    D.beam_search(dm, dparams, eval_prompts[:1], table, cfg.decode.beam, batch=bs // 2)
-    record(f"beam_B{cfg.decode.beam}", "MiniLM diffusion", lc,
-           *D.beam_search(dm, dparams, eval_prompts, table, cfg.decode.beam, batch=bs // 2),
-           samples=cfg.decode.beam)
+    record(f"beam_B{cfg.decode.beam}", fam, lc,
+           D.beam_search(dm, dparams, q_ids, q_mask, table, cfg.decode.beam, batch=max(1, bs // 2)),
+           samples=cfg.decode.beam, train_rec=d_record)
   if cfg.decode.one_pass:
-    D.one_pass(dm, dparams, eval_prompts[:1], table, cfg.decode.one_pass, batch=bs)
-    rk, inv, secs = D.one_pass(dm, dparams, eval_prompts, table, cfg.decode.one_pass, batch=bs)
-    record(f"one_pass_top{cfg.decode.one_pass}", "MiniLM diffusion", 1, rk, inv, secs)
+    first = D.one_pass(dm, dparams, q_ids, q_mask, table, cfg.decode.one_pass, batch=bs)
+    record(f"one_pass_top{cfg.decode.one_pass}", fam, 1, first, train_rec=d_record)
     if cfg.decode.elbo_rerank:
-      t0 = time.perf_counter()
-      rr = D.elbo_rerank(dm, dparams, eval_prompts, table, rk, top=cfg.decode.elbo_rerank)
-      record(f"one_pass_elbo_rerank{cfg.decode.elbo_rerank}", "MiniLM diffusion", 1, rr, 0,
-             secs + time.perf_counter() - t0)
-  if cfg.train.ar_steps:
-    ar_model = type(dm)(dm.config.replace(causal=True, shift_logits=True))
-    am, aparams = _train(cfg, ar_model, params, tok, prompts_q, prompts_d, pairs, table, objective="ar",
-                         steps=cfg.train.ar_steps, out_dir=f"{kind_dir}/ar")
+      record(f"one_pass_elbo_rerank{cfg.decode.elbo_rerank}", fam, 1,
+             D.elbo_rerank(dm, dparams, q_ids, q_mask, table, first, top=cfg.decode.elbo_rerank), train_rec=d_record)
+  walls["decode_diffusion"] = time.perf_counter() - t0
+  records_used = [r for r in (docid_record, d_record) if r]
+  ar_steps = cfg.train.steps if cfg.train.ar_steps is None else cfg.train.ar_steps
+  if ar_steps:
+    t0 = time.perf_counter()
+    ar_model = type(model)(model.config.replace(causal=True, shift_logits=True))
+    am, aparams, a_record = _train(cfg, ar_model, params, tok, pairs, table, objective="ar", steps=ar_steps, spec=spec)
+    walls["train_ar"] = time.perf_counter() - t0
+    records_used.append(a_record)
     b = max(cfg.decode.beam, 1)
-    D.beam_search(am, aparams, eval_prompts[:1], table, b, order="left_to_right", batch=bs // 2)
-    record(f"ar_beam_B{b}", "MiniLM autoregressive", lc,
-           *D.beam_search(am, aparams, eval_prompts, table, b, order="left_to_right", batch=bs // 2), samples=b)
+    t0 = time.perf_counter()
+    record(f"ar_beam_B{b}", "autoregressive", lc,
+           D.beam_search(am, aparams, q_ids, q_mask, table, b, order="left_to_right", batch=max(1, bs // 2)),
+           samples=b, train_rec=a_record)
+    walls["decode_ar"] = time.perf_counter() - t0
+  _compare_rows(rows, per_query, cfg.decode.compare_to)
   default = next((r["method"] for r in rows if r["method"].startswith("beam_")), rows[-1]["method"])
   (out / "run.trec").write_text((out / f"run_{default}.trec").read_text())
-  table_md = write_table(rows, out, "gr")
+  table_rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+  table_md = write_table(table_rows, out, "gr")
   summary = {"config": dataclasses.asdict(cfg), "counts": counts, "docids": table.stats, "default_run": default,
-             "methods": rows, "metrics": runs}
+             "index_input": index_input, "methods": rows,
+             "per_query": {m: {k: v.tolist() for k, v in s.items()} for m, s in per_query.items()},
+             "eval_query_ids": eval_ids}
   (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+  write_manifest(out, config=cfg, data=info, seeds={"train": cfg.train.seed, "docids": cfg.docids.seed},
+                 wall_times=walls, artefacts=records_used)
   _plots(out, rows, curves)
   summary["table"] = table_md
   return summary
+
+
+def _compare_rows(rows, per_query, ref: str) -> None:
+  """Adds to every row its paired nDCG@10 / R@10 difference with the reference row."""
+  if ref not in per_query:
+    return
+  for row in rows:
+    if row["method"] == ref:
+      continue
+    comp = {}
+    for metric in ("ndcg@10", "recall@10"):
+      c = stats.compare(per_query[row["method"]][metric], per_query[ref][metric])
+      comp[metric] = c
+      row[f"d_{metric}_vs_{ref}"] = stats.fmt_diff(c, scale=100)
+      row[f"p_{metric}"] = stats.fmt_p(c["p"])
+    row["_compare"] = comp
 
 
 def _plots(out: Path, rows, curves) -> None:
@@ -294,21 +461,22 @@ def _plots(out: Path, rows, curves) -> None:
   if curves:
     fig, ax = plt.subplots(1, 2, figsize=(8, 3.2))
     for constrained in (True, False):
-      pts = sorted((t, r, ms) for t, c, r, ms in curves if c == constrained)
+      pts = sorted((t, r, ms, f) for t, c, r, ms, f in curves if c == constrained)
       if pts:
         lab = "constrained" if constrained else "unconstrained"
         ax[0].plot([x[0] for x in pts], [x[1] for x in pts], "o-", label=lab)
-        ax[1].plot([x[0] for x in pts], [x[2] for x in pts], "o-", label=lab)
+        ax[1].plot([x[3] for x in pts], [x[1] for x in pts], "o-", label=lab)
     ax[0].set_xlabel("denoising steps T")
     ax[0].set_ylabel("Recall@1 (%)")
-    ax[1].set_xlabel("denoising steps T")
-    ax[1].set_ylabel("ms / query")
+    ax[1].set_xlabel("forward passes per query (repairs included)")
+    ax[1].set_ylabel("Recall@1 (%)")
     save_figure(fig, out / "quality_latency.png")
-  fig, ax = plt.subplots(figsize=(7, 3.2))
+  fig, ax = plt.subplots(figsize=(7, 3.4))
   names = [r["method"] for r in rows]
-  ax.bar(range(len(rows)), [r["recall@1"] for r in rows], label="R@1")
-  ax.bar(range(len(rows)), [r["recall@10"] - r["recall@1"] for r in rows], bottom=[r["recall@1"] for r in rows],
-         alpha=0.5, label="R@10")
+  vals = [r["ndcg@10"] for r in rows]
+  err = np.array([[r["ndcg@10"] - float(r["ndcg@10_ci"].strip("[]").split(",")[0]),
+                   float(r["ndcg@10_ci"].strip("[]").split(",")[1]) - r["ndcg@10"]] for r in rows]).T
+  ax.bar(range(len(rows)), vals, yerr=err, capsize=2, label="nDCG@10 (95% interval)")
   ax.set_xticks(range(len(rows)))
   ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
   ax.set_ylabel("%")

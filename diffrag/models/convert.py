@@ -114,11 +114,16 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
   shardings: optional pytree of `jax.sharding.Sharding` matching params; each leaf is
     placed directly with its sharding (so a model larger than one device loads).
   config_overrides: ModelConfig fields to change (e.g. mask_token_id).
+  A `diffrag_config.json` beside config.json (written by `save_pretrained` for fields the
+  family's config cannot express, e.g. `shift_logits` of an autoregressive twin) is applied
+  before the overrides.
   """
   path = Path(path)
   hf = read_hf_config(path)
   family = families.family_of(hf)
-  cfg = family.from_hf(hf, path).replace(dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+  sidecar = json.loads((path / SIDECAR).read_text()) if (path / SIDECAR).exists() else {}
+  cfg = family.from_hf(hf, path).replace(dtype=dtype, param_dtype=param_dtype or dtype,
+                                         **{**sidecar, **config_overrides})
   files = _shard_files(path)
   location = {}
   for f in files:
@@ -211,7 +216,24 @@ def save_pretrained(cfg: ModelConfig, params: dict, path: str | os.PathLike, *,
     total = sum(t.nbytes for s in shards for t in s.values())
     (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
   (path / "config.json").write_text(json.dumps(hf, indent=2))
+  extra = _beyond_hf(cfg, family.from_hf(hf, path))
+  sidecar = path / SIDECAR
+  if extra:
+    sidecar.write_text(json.dumps(extra, indent=2))
+  else:
+    sidecar.unlink(missing_ok=True)
   return path
+
+
+# ModelConfig fields a family's config.json cannot say (e.g. a causal, shifted-logit twin of a
+# BERT model trained as an autoregressive baseline) are kept beside it and applied on load.
+SIDECAR = "diffrag_config.json"
+_NOT_ARCHITECTURE = ("dtype", "param_dtype", "attention_impl")
+
+
+def _beyond_hf(cfg: ModelConfig, from_hf: ModelConfig) -> dict:
+  return {f: getattr(cfg, f) for f in cfg.__dataclass_fields__
+          if f not in _NOT_ARCHITECTURE and getattr(cfg, f) != getattr(from_hf, f)}
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):

@@ -333,6 +333,8 @@ class MaskedDiffusionTransformer(nn.Module):
   With shifted logits (Dream) position start's logits come from position start - 1, so
   start must be >= 1. `hidden_layer=k` returns the output of layer k (0-based, before any
   final norm) as `hidden` instead of the last layer after the final norm (-1).
+  `hidden_offset=1` (with `output_window`) returns the states of positions [start - 1,
+  start + n - 1): for a shifted-logit model, the states whose logits predict the window.
   """
 
   config: ModelConfig
@@ -341,7 +343,7 @@ class MaskedDiffusionTransformer(nn.Module):
   def __call__(self, input_ids: Array, *, attention_mask: Array | None = None,
                positions: Array | None = None, return_hidden: bool = False,
                cache: KVCache | None = None, return_cache: bool = False,
-               output_window: tuple[Any, int] | None = None, hidden_layer: int = -1):
+               output_window: tuple[Any, int] | None = None, hidden_layer: int = -1, hidden_offset: int = 0):
     cfg = self.config
     if not -1 <= hidden_layer < cfg.num_layers:
       raise ValueError(f"hidden_layer={hidden_layer}; expected -1 (last layer, after the final norm) "
@@ -385,7 +387,7 @@ class MaskedDiffusionTransformer(nn.Module):
     chosen = x if hidden_layer < 0 else per_layer[hidden_layer]
     if output_window is not None:
       start, n = output_window
-      hidden = jax.lax.dynamic_slice_in_dim(chosen, start, n, axis=1)
+      hidden = jax.lax.dynamic_slice_in_dim(chosen, start - hidden_offset, n, axis=1)
       # with shifted logits one extra position on the left feeds the shift below
       x = jax.lax.dynamic_slice_in_dim(x, start - 1, n + 1, axis=1) if cfg.shift_logits else \
           jax.lax.dynamic_slice_in_dim(x, start, n, axis=1)
@@ -413,6 +415,16 @@ class MaskedDiffusionTransformer(nn.Module):
       outputs = outputs + (KVCache(kv[0], kv[1], jnp.ones((batch, length), bool)
                                    if attention_mask is None else attention_mask.astype(bool)),)
     return outputs if len(outputs) > 1 else outputs[0]
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+  """Position ids that ignore padding: pos_i = (number of real tokens before i), [B, L] int32.
+
+  With left padding the first real token gets 0 whatever the padding, so absolute-position
+  models (BERT) and RoPE models alike see the same positions for the same text (Dream's
+  `tok_idx` rule; padded slots get 0 and are masked out as keys).
+  """
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0).astype(jnp.int32)
 
 
 def check_input_ids(cfg: ModelConfig, input_ids) -> None:

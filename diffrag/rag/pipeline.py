@@ -1,13 +1,26 @@
 """`diffrag rag`: retrieval -> prompt -> masked-diffusion reader, baseline and SPREAD side by side.
 
-Same prompts, same keys for every method; predictions are appended to predictions.jsonl as
-they are made, and a rerun skips the (method, id) pairs already there. Outputs under
-out_dir: predictions.jsonl, metrics.json, rag.md/rag.csv, drift.png, alpha.png.
+One run: (train or reuse) a reader, then for every evaluated QA set retrieve passages, build
+the prompts and answer every question with the baseline sampler and with SPREAD at each
+alpha, same prompts and same keys. Predictions are appended to predictions.jsonl as they
+are made (a rerun skips the (set, method, id) triples already there). Outputs under
+out_dir: predictions.jsonl, metrics.json, rag.md/rag.csv, manifest.json, drift.png, alpha.png.
+
+Honest by construction (the `diffrag.experiment` layer):
+  * the reader is an artefact keyed by a hash of everything that made it (init, training
+    questions and their prompts, answer canvas, training spec); it is reused only on an
+    exact match;
+  * training and evaluation never share a question, a context passage or an article
+    (counted in metrics.json under "leakage");
+  * timings exclude compilation (compile time is reported apart);
+  * every method is compared with the baseline on the same questions: mean difference,
+    paired bootstrap 95% interval, randomization-test p-value, n.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -18,21 +31,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffrag.experiment import stats
+from diffrag.experiment.provenance import array_digest, file_fingerprint, write_manifest
+from diffrag.experiment.store import ArtefactStore
+from diffrag.experiment.timing import Stopwatch
 from diffrag.rag import metrics as M
 from diffrag.rag.prompts import PromptSpec, build_prompt
-from diffrag.rag.spread import query_representation, spread, unit_entropy
+from diffrag.rag.spread import DREAM_HIDDEN, query_representation, spread, unit_entropy
 from diffrag.report import pyplot, save_figure, write_table
 from diffrag.sampling import transforms as T
-from diffrag.sampling.sampler import generate, truncate_at_eos
+from diffrag.sampling.sampler import generate
+
+RECIPE = "minilm-reader-v2"  # bump when the reader's training code changes what it learns
 
 
 @dataclasses.dataclass(frozen=True)
 class RagData:
-  dataset: str = "squad"          # squad | musique | nq_open | hotpotqa | 2wikimultihopqa | triviaqa | popqa
+  dataset: str = "squad_v1:dev"   # QA set evaluated: name[:split] (see diffrag.data.readers.QA_SETS)
+  also: list = dataclasses.field(default_factory=list)  # more QA sets evaluated with the same reader
   data_dir: str | None = None
   cache_dir: str = "outputs/cache/tfds"
-  holdout: float = 0.25           # share of questions held out for evaluation (the rest trains a reader)
-  limit: int = 0                  # evaluate at most this many held-out questions (0 = all)
+  holdout: float = 1.0            # share of the evaluated set's groups (articles) held out; the rest can train
+  limit: int = 0                  # evaluate at most this many questions per set (a seeded sample; 0 = all)
+  seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +69,17 @@ class RetrievalSpec:
 class ReaderSpec:
   checkpoint: str | None = None   # a Hugging Face LLaDA/Dream (instruct) folder, used as is
   dtype: str = "float32"
-  train_steps: int = 150          # without a checkpoint: fine-tune the MiniLM warm start as a reader
-  batch_size: int = 8
+  train_data: str | None = None   # QA set name[:split] the MiniLM reader trains on; None: the evaluated
+                                  # set's groups outside the holdout
+  train_limit: int = 0            # train on at most this many questions (0 = all)
+  distractors: int = 1            # retrieved passages beside the gold one in every training prompt
+  train_steps: int = 300
+  batch_size: int = 16
   lr: float = 2.0e-4
-  out_dir: str = "outputs/rag/reader"
+  warmup_steps: int = 30
+  bucket: int = 32                # prompts are bucketed by length in steps of this many tokens
+  seed: int = 0
+  store: str = "outputs/artefacts"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +88,13 @@ class GenerationSpec:
   steps: int = 16
   block_length: int | None = None
   temperature: float = 0.0
+  rule: str = "auto"              # auto (the reader family's) | llada (Gumbel, linear quota) | dream (tempered
+                                  # confidence, Dream's timestep quota)
+  eps: float = 1e-3               # Dream's schedule end point
   confidence: str = "prob"        # prob (LLaDA low_confidence / Dream maskgit_plus) | margin | entropy
   threshold: float | None = None
+  answer_scope: str = "first_eos"  # first_eos (text before the first EOS) | canvas (the whole canvas, special
+                                   # tokens dropped: the SPREAD paper's protocol)
   stop_at_eos: bool = False       # SPREAD's paper runs all steps without EOS handling
   cache: str = "none"             # none | prefix | dual (Fast-dLLM; approximate, same for every method)
   batch_size: int = 8
@@ -73,6 +106,8 @@ class SpreadSpec:
   alphas: list = dataclasses.field(default_factory=lambda: [0.5])  # run beside the baseline (alpha = 0)
   pooling: str = "mean"           # mean | max_token
   hidden_layer: int = -1
+  dream_hidden: str = "i"         # i (the masked position's own state) | i_minus_1 (the state whose logits
+                                  # predict it; shifted-logit readers only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,26 +125,37 @@ class RagConfig:
 # ------------------------------------------------------------------------------- data
 
 
-def _in_holdout(qid: str, share: float) -> bool:
-  return int(hashlib.sha1(qid.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < share
+def _group_in_holdout(group: str, share: float, seed: int) -> bool:
+  if share >= 1.0:
+    return True
+  h = hashlib.sha1(f"{seed}:{group}".encode()).hexdigest()[:8]
+  return int(h, 16) / 0xFFFFFFFF < share
 
 
-def load_questions(cfg: RagConfig):
-  """(train records, eval records, counts): records without gold answers are skipped and counted."""
+def load_set(cfg: RagConfig, name: str):
+  """(records with answers, info) of QA set `name`; records without gold answers are counted."""
   from diffrag.data import data_dir  # pylint: disable=import-outside-toplevel
   from diffrag.data.builders import qa_records  # pylint: disable=import-outside-toplevel
-  records = qa_records(data_dir(cfg.data.data_dir), cfg.data.dataset, cfg.data.cache_dir)
-  answered = [r for r in records if r["answers"]]
-  skipped = len(records) - len(answered)
-  answered.sort(key=lambda r: r["id"])
-  evals = [r for r in answered if _in_holdout(r["id"], cfg.data.holdout)]
-  train = [r for r in answered if not _in_holdout(r["id"], cfg.data.holdout)]
-  if cfg.data.limit:
-    evals = evals[:cfg.data.limit]
-  if not evals:
-    raise ValueError(f"no held-out questions in {cfg.data.dataset}: raise data.holdout")
-  return train, evals, {"records": len(records), "without_answers_skipped": skipped, "train": len(train),
-                        "eval": len(evals)}
+  records, info = qa_records(data_dir(cfg.data.data_dir), name, cfg.data.cache_dir)
+  answered = sorted((r for r in records if r["answers"]), key=lambda r: r["id"])
+  info = dict(info, records=len(records), without_answers_skipped=len(records) - len(answered),
+              file_fingerprint=file_fingerprint(info["file"]))
+  return answered, info
+
+
+def split_records(cfg: RagConfig, records):
+  """(train, eval): whole groups (SQuAD articles) go to one side, `data.holdout` of them to eval."""
+  evals = [r for r in records if _group_in_holdout(r["group"], cfg.data.holdout, cfg.data.seed)]
+  train = [r for r in records if not _group_in_holdout(r["group"], cfg.data.holdout, cfg.data.seed)]
+  return train, evals
+
+
+def sample(records, limit: int, seed: int):
+  """At most `limit` records, a seeded sample in id order (all when limit is 0)."""
+  if not limit or limit >= len(records):
+    return list(records)
+  keep = np.sort(np.random.default_rng(seed).choice(len(records), limit, replace=False))
+  return [records[i] for i in keep]
 
 
 def build_corpus(cfg: RagConfig, records):
@@ -129,10 +175,10 @@ def build_corpus(cfg: RagConfig, records):
   return Corpus.from_records(list(docs.values()))
 
 
-def retrieve(cfg: RagConfig, records, corpus) -> dict[str, list[dict]]:
+def retrieve(cfg: RagConfig, records, corpus, k: int | None = None) -> dict[str, list[dict]]:
   """question id -> top-k passages [{id, text}] (text cut to max_chars)."""
   from diffrag.retrieval import BM25Retriever, DenseRetriever, default_encoder  # pylint: disable=import-outside-toplevel
-  k, cut = cfg.retrieval.k, cfg.retrieval.max_chars
+  k, cut = k or cfg.retrieval.k, cfg.retrieval.max_chars
   if cfg.retrieval.retriever == "gold":
     return {r["id"]: [{"id": p["id"], "text": corpus_text(p)[:cut]} for p in r["passages"][:k]] for r in records}
   if cfg.retrieval.retriever == "bm25":
@@ -141,7 +187,7 @@ def retrieve(cfg: RagConfig, records, corpus) -> dict[str, list[dict]]:
     retriever = DenseRetriever(corpus, default_encoder(), cache_dir=cfg.retrieval.cache_dir)
   else:
     raise ValueError(f"retrieval.retriever={cfg.retrieval.retriever!r}; expected dense, bm25 or gold")
-  idx, _ = retriever.search([r["question"] for r in records], k)
+  idx, _ = retriever.search([r["question"] for r in records], min(k, len(corpus)))
   return {r["id"]: [{"id": corpus.ids[j], "text": corpus.document(j)[:cut]} for j in row]
           for r, row in zip(records, idx)}
 
@@ -150,66 +196,141 @@ def corpus_text(p: dict) -> str:
   return f"{p['title']}\n{p['text']}" if p.get("title") else p["text"]
 
 
+def answer_in(text: str, answers) -> bool:
+  """A gold answer occurs in `text` (SQuAD-normalised substring)."""
+  t = f" {M.normalize_answer(text)} "
+  return any(f" {M.normalize_answer(a)} " in t for a in answers if M.normalize_answer(a))
+
+
 # ----------------------------------------------------------------------------- reader
 
 
-def _minilm_reader(cfg: RagConfig, train, passages, spec: PromptSpec):
-  """Fine-tunes the MiniLM warm start on (passages + question -> answer) pairs, answer span masked."""
-  from diffrag.data.pipeline import pair_dataset, pair_example  # pylint: disable=import-outside-toplevel
-  from diffrag.models import load_tokenizer, minilm_path  # pylint: disable=import-outside-toplevel
+def _training_prompts(cfg: RagConfig, train, tok, spec: PromptSpec):
+  """Per training question: gold passage + retrieved distractors (gold at a seeded random rank,
+  moved first if the fitting rule would cut its answer out). Returns (pairs, stats, passages)."""
+  corpus = build_corpus(dataclasses.replace(cfg, retrieval=dataclasses.replace(cfg.retrieval, corpus=["dataset"])),
+                        train)
+  n_dis = cfg.reader.distractors
+  retrieved = retrieve(dataclasses.replace(cfg, retrieval=dataclasses.replace(cfg.retrieval, retriever="dense")),
+                       train, corpus, k=n_dis + 1) if n_dis else {}
+  g, cut = cfg.generation.gen_length, cfg.retrieval.max_chars
+  pairs, used, moved, missing = [], {}, 0, 0
+  for r in train:
+    gold = {"id": r["passages"][0]["id"], "text": corpus_text(r["passages"][0])[:cut]}
+    others = [p for p in retrieved.get(r["id"], []) if p["id"] != gold["id"]][:n_dis]
+    rank = int(hashlib.sha1(f"{cfg.reader.seed}:{r['id']}".encode()).hexdigest()[:8], 16) % (len(others) + 1)
+    ctx = others[:rank] + [gold] + others[rank:]
+    prompt, kept, _ = build_prompt(tok, spec, r["question"], [p["text"] for p in ctx])
+    if kept <= rank or not answer_in(tok.decode(prompt), r["answers"][:1]):
+      ctx = [gold] + others
+      prompt, kept, _ = build_prompt(tok, spec, r["question"], [p["text"] for p in ctx])
+      moved += 1
+    answer = tok(r["answers"][0], add_special_tokens=False)["input_ids"]
+    if len(answer) > g - 1:
+      missing += 1  # an answer longer than the canvas cannot be a target: skipped, counted
+      continue
+    pairs.append((prompt, answer))
+    used[r["id"]] = ctx[:kept]
+  stats_ = {"questions": len(train), "pairs": len(pairs), "answers_longer_than_canvas_skipped": missing,
+            "gold_moved_first_to_fit": moved}
+  return pairs, stats_, used
+
+
+def _minilm_reader(cfg: RagConfig, train, train_info: dict, spec: PromptSpec):
+  """Trains (or reuses, on an exact spec match) the MiniLM masked-diffusion reader.
+
+  Returns (model, params, tokenizer, record for the manifest, training prompts used).
+  """
+  from diffrag.data.pipeline import PairBatches, prompt_buckets  # pylint: disable=import-outside-toplevel
+  from diffrag.models import from_pretrained, load_tokenizer, minilm_path  # pylint: disable=import-outside-toplevel
   from diffrag.train.loop import LoopSpec, MeshSpec, ModelSpec, TrainConfig, run  # pylint: disable=import-outside-toplevel
   from diffrag.train.step import OptimConfig  # pylint: disable=import-outside-toplevel
   tok = load_tokenizer(minilm_path())
-  g, p_len = cfg.generation.gen_length, spec.max_prompt_tokens
-  examples = []
-  for r in train:
-    prompt, _ = build_prompt(tok, spec, r["question"], [x["text"] for x in passages[r["id"]]])
-    answer = tok(r["answers"][0], add_special_tokens=False)["input_ids"][:g - 1]
-    examples.append(pair_example(prompt, answer, prompt_len=p_len, response_len=g, pad_id=tok.pad_token_id,
-                                 eos_id=tok.sep_token_id, what=f"question {r['id']}"))
+  if not train:
+    raise ValueError(f"the reader's training set ({train_info.get('name')}) has no answerable question: set "
+                     "reader.train_data to a QA set with answers, or lower data.holdout")
+  pairs, pair_stats, used = _training_prompts(cfg, train, tok, spec)
+  g, rd = cfg.generation.gen_length, cfg.reader
   tcfg = TrainConfig(model=ModelSpec(init="minilm"),
-                     optim=OptimConfig(lr=cfg.reader.lr, warmup_steps=max(1, cfg.reader.train_steps // 10),
-                                       schedule="cosine", weight_decay=0.01),
-                     train=LoopSpec(steps=cfg.reader.train_steps, batch_size=cfg.reader.batch_size,
-                                    log_every=10, checkpoint_every=max(cfg.reader.train_steps, 1),
-                                    out_dir=cfg.reader.out_dir, export=False, loss_window=[p_len, g]),
+                     optim=OptimConfig(lr=rd.lr, warmup_steps=rd.warmup_steps, schedule="cosine", weight_decay=0.01),
+                     train=LoopSpec(steps=rd.train_steps, batch_size=rd.batch_size, seed=rd.seed, log_every=25,
+                                    checkpoint_every=max(50, rd.train_steps // 6), export=True, loss_window=[-g, g]),
                      mesh=MeshSpec(data=1))
-  batches = iter(pair_dataset(examples, batch_size=cfg.reader.batch_size, seed=0))
-  result = run(tcfg, batches=batches)
-  if result.history:
-    last = result.history[-1]
-    print(f"reader: MiniLM fine-tuned on {len(examples)} {cfg.data.dataset} questions for {cfg.reader.train_steps} "
-          f"steps (loss {last['loss']:.3f}, masked accuracy {last['masked_accuracy']:.3f})")
-  else:
-    print(f"reader: reusing the fine-tuned MiniLM in {result.out_dir} (step {int(result.state.step)})")
-  return result.model, result.state.params, tok
+  flat = np.concatenate([np.asarray(p + [-1] + a + [-2], np.int64) for p, a in pairs])
+  art_spec = {"recipe": RECIPE, "init": "all-MiniLM-L6-v2", "tokenizer": "all-MiniLM-L6-v2",
+              "train_data": {k: train_info.get(k) for k in ("name", "file_fingerprint", "holdout_of")},
+              "prompt": spec, "distractors": rd.distractors, "retriever": "dense", "max_chars": cfg.retrieval.max_chars,
+              "answer_canvas": g, "bucket": rd.bucket, "pairs": array_digest(flat), "n_pairs": len(pairs),
+              "optim": tcfg.optim, "train": tcfg.train}
+  store = ArtefactStore(rd.store)
+  art = store.get("reader", art_spec)
+  reused = art.done
+  if not reused:
+    batches = PairBatches(pairs, batch_size=rd.batch_size, seed=rd.seed,
+                          buckets=prompt_buckets(spec.max_prompt_tokens, rd.bucket), response_len=g,
+                          pad_id=tok.pad_token_id, eos_id=tok.sep_token_id)
+    t0 = time.perf_counter()
+    result = run(dataclasses.replace(tcfg, train=dataclasses.replace(tcfg.train, out_dir=str(art.path / "train"))),
+                 batches=iter(batches.dataset()))
+    last = result.history[-1] if result.history else {}
+    store.finish(art, {"steps": rd.train_steps, "batch_size": rd.batch_size,
+                       "examples_seen": rd.train_steps * rd.batch_size, "pairs": len(pairs),
+                       "wall_seconds": round(time.perf_counter() - t0, 1), "final_loss": last.get("loss"),
+                       "final_masked_accuracy": last.get("masked_accuracy"), **pair_stats})
+    print(f"reader: MiniLM trained on {len(pairs)} {train_info.get('name')} questions for {rd.train_steps} steps "
+          f"(loss {last.get('loss', float('nan')):.3f})")
+  model, params = from_pretrained(art.path / "train" / "hf")
+  return model, params, tok, art.record(reused), used
 
 
-def load_reader(cfg: RagConfig, train, passages, spec: PromptSpec):
-  """(model, params, tokenizer, uses_padding_mask)."""
+def load_reader(cfg: RagConfig, train, train_info, spec: PromptSpec):
+  """(model, params, tokenizer, artefact record or None, training prompts used {id: passages})."""
   from diffrag.models import from_pretrained, load_tokenizer  # pylint: disable=import-outside-toplevel
   if cfg.reader.checkpoint:
     model, params = from_pretrained(cfg.reader.checkpoint, dtype=cfg.reader.dtype)
-    return model, params, load_tokenizer(cfg.reader.checkpoint), True
-  model, params, tok = _minilm_reader(cfg, train, passages, spec)
-  return model, params, tok, False  # trained on left-padded prompts without a padding mask
+    return model, params, load_tokenizer(cfg.reader.checkpoint), None, {}
+  return _minilm_reader(cfg, train, train_info, spec)
 
 
 # ------------------------------------------------------------------------- generation
 
 
-def make_transform(gen: GenerationSpec, alpha: float | None, pooling: str) -> T.ScoreTransform:
-  """Baseline (alpha None) or SPREAD chain: candidates, confidence, [spread], commit."""
-  cand = T.gumbel_max(gen.temperature, "float32") if gen.temperature > 0 else T.greedy()
-  conf = {"prob": T.low_confidence, "margin": T.topk_margin, "entropy": unit_entropy}.get(gen.confidence)
+def _rule(gen: GenerationSpec, family: str) -> str:
+  rule = gen.rule if gen.rule != "auto" else ("dream" if family == "dream" else "llada")
+  if rule not in ("llada", "dream"):
+    raise ValueError(f"generation.rule={gen.rule!r}; expected auto, llada or dream")
+  return rule
+
+
+_CONFIDENCE = {"prob": T.low_confidence, "margin": T.topk_margin, "entropy": unit_entropy}
+
+
+@functools.lru_cache(maxsize=None)
+def make_transform(gen: GenerationSpec, rule: str, alpha: float | None, pooling: str) -> T.ScoreTransform:
+  """Baseline (alpha None) or SPREAD chain: candidates, confidence, [spread], commit.
+
+  Built once per setting (cached), so every call with the same setting passes the same
+  object to the jitted sampler and nothing recompiles. rule "llada": Gumbel-max candidates
+  at the temperature, confidence from the clean logits, LLaDA's linear quota; "dream":
+  logits / T, categorical (greedy at 0) candidates, confidence from the tempered logits
+  (maskgit_plus), Dream's timestep quota with `eps`.
+  """
+  conf = _CONFIDENCE.get(gen.confidence)
   if conf is None:
-    raise ValueError(f"generation.confidence={gen.confidence!r}; expected prob, margin or entropy")
-  commit = T.commit_threshold(gen.threshold) if gen.threshold is not None else T.commit_top_k()
-  parts = [cand, conf()] + ([spread(alpha, pooling)] if alpha is not None else []) + [commit]
+    raise ValueError(f"generation.confidence={gen.confidence!r}; expected one of {sorted(_CONFIDENCE)}")
+  if rule == "llada":
+    parts = [T.gumbel_max(gen.temperature, "float32") if gen.temperature > 0 else T.greedy(), conf()]
+    quota = T.llada_quota
+  else:
+    parts = [T.temperature(gen.temperature), T.categorical() if gen.temperature > 0 else T.greedy(), conf()]
+    quota = T.dream_quota(gen.eps)
+  if alpha is not None:
+    parts.append(spread(alpha, pooling))
+  parts.append(T.commit_threshold(gen.threshold) if gen.threshold is not None else T.commit_top_k(quota))
   return T.chain(*parts)
 
 
-def _methods(cfg: RagConfig) -> list[tuple[str, float | None]]:
+def methods_of(cfg: RagConfig) -> list[tuple[str, float | None]]:
   out = [("baseline", None)]
   for a in cfg.spread.alphas:
     if not 0 < float(a) <= 1:
@@ -226,82 +347,210 @@ def _left_pad(rows, length, pad_id):
   return ids, mask
 
 
+def answer_ids(gen_ids, eos_id: int, scope: str) -> list[list[int]]:
+  """The generated ids [B, G] read as answers: `first_eos` cuts before the first EOS (how
+  LLaDA/Dream chat answers are read); `canvas` keeps the whole canvas (special tokens are
+  dropped when decoding: the SPREAD paper's protocol)."""
+  rows = np.asarray(gen_ids).tolist()
+  if scope == "canvas":
+    return rows
+  return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+
+
+def _check(cfg: RagConfig, model_cfg) -> None:
+  g = cfg.generation
+  if g.answer_scope not in ("first_eos", "canvas"):
+    raise ValueError(f"generation.answer_scope={g.answer_scope!r}; expected first_eos or canvas")
+  if cfg.spread.dream_hidden not in DREAM_HIDDEN:
+    raise ValueError(f"spread.dream_hidden={cfg.spread.dream_hidden!r}; expected one of {DREAM_HIDDEN}")
+  if cfg.spread.dream_hidden == "i_minus_1" and not model_cfg.shift_logits:
+    raise ValueError("spread.dream_hidden=i_minus_1 applies to shifted-logit readers (Dream), whose logits at i "
+                     "come from the state at i - 1; this reader predicts each position from its own state")
+  total, limit = cfg.prompt.max_prompt_tokens + g.gen_length, model_cfg.max_position_embeddings
+  if cfg.prompt.context_limit:
+    limit = min(limit, cfg.prompt.context_limit)
+  if total > limit:
+    raise ValueError(f"prompt.max_prompt_tokens ({cfg.prompt.max_prompt_tokens}) + generation.gen_length "
+                     f"({g.gen_length}) = {total} tokens exceeds the reader's context limit of {limit} "
+                     "(max_position_embeddings or prompt.context_limit): lower one of them")
+
+
+# ---------------------------------------------------------------------------- leakage
+
+
+def _norm_text(t: str) -> str:
+  return " ".join(t.split())
+
+
+def leakage(train, train_prompts: dict, evals) -> dict:
+  """Counts of what an evaluated question shares with the reader's training data (0 when leak-free)."""
+  if not train:
+    return {"questions_shared": 0, "contexts_shared": 0, "groups_shared": 0, "answers_as_training_targets": 0,
+            "answer_strings_shared_any_context": 0}
+  t_ids = {r["id"] for r in train}
+  t_questions = {M.normalize_answer(r["question"]) for r in train}
+  t_groups = {r["group"] for r in train}
+  t_passages = {_norm_text(p["text"]) for ps in train_prompts.values() for p in ps}
+  t_targets = {(_norm_text(corpus_text(r["passages"][0])), M.normalize_answer(r["answers"][0]))
+               for r in train if r["passages"]}
+  t_answers = {M.normalize_answer(r["answers"][0]) for r in train}
+  gold = lambda r: _norm_text(corpus_text(r["passages"][0])) if r["passages"] else None
+  out = {
+      "questions_shared": sum(r["id"] in t_ids or M.normalize_answer(r["question"]) in t_questions for r in evals),
+      "contexts_shared": sum(any(_norm_text(corpus_text(p)) in t_passages or _norm_text(p["text"]) in t_passages
+                                 for p in r["passages"]) for r in evals),
+      "groups_shared": sum(r["group"] in t_groups for r in evals if r["group"] != r["id"]),
+      "answers_as_training_targets": sum(any((gold(r), M.normalize_answer(a)) in t_targets for a in r["answers"])
+                                         for r in evals),
+      "answer_strings_shared_any_context": sum(any(M.normalize_answer(a) in t_answers for a in r["answers"])
+                                               for r in evals),
+  }
+  return out
+
+
+# ------------------------------------------------------------------------------- run
+
+
 def run_rag(cfg: RagConfig, progress: bool = True) -> dict:
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   out = Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  train, evals, counts = load_questions(cfg)
-  corpus = build_corpus(cfg, train + evals)
-  passages = retrieve(cfg, train + evals, corpus)
-  g = cfg.generation.gen_length
+  walls: dict[str, float] = {}
+  t0 = time.perf_counter()
+  names = list(dict.fromkeys([cfg.data.dataset] + list(cfg.data.also)))
+  loaded = {name: load_set(cfg, name) for name in names}
+  resolved = {info["name"]: name for name, (_, info) in loaded.items()}
   spec = cfg.prompt
-  model, params, tok, pad_mask = load_reader(cfg, train, passages, spec)
+  # what the reader trains on: another set, or the evaluated set's groups outside the holdout
+  train, train_info, held = [], {}, {}
+  if not cfg.reader.checkpoint:
+    train_name = cfg.reader.train_data or cfg.data.dataset
+    records, info = loaded.get(train_name) or load_set(cfg, train_name)
+    if info["name"] in resolved:  # the same set is evaluated: whole groups to one side only
+      train, held[info["name"]] = split_records(cfg, records)
+      info = dict(info, holdout_of=[cfg.data.holdout, cfg.data.seed])
+    else:
+      train = records
+    train = sample(train, cfg.reader.train_limit, cfg.reader.seed)
+    train_info = info
+  walls["load_data"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  model, params, tok, reader_record, train_prompts = load_reader(cfg, train, train_info, spec)
+  walls["reader"] = time.perf_counter() - t0
   mcfg = model.config
+  _check(cfg, mcfg)
+  rule = _rule(cfg.generation, mcfg.family)
   eos = mcfg.eos_token_id if mcfg.eos_token_id is not None else tok.sep_token_id
   pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else (tok.pad_token_id or eos)
-  if mcfg.positions == "learned" and spec.max_prompt_tokens + g > mcfg.max_position_embeddings:
-    raise ValueError(f"prompt.max_prompt_tokens ({spec.max_prompt_tokens}) + gen_length ({g}) exceeds the "
-                     f"reader's {mcfg.max_position_embeddings} positions")
-  done = _read_done(out / "predictions.jsonl")
   encoder = None
   if cfg.drift:
     from diffrag.retrieval import default_encoder  # pylint: disable=import-outside-toplevel
     encoder = default_encoder()
-  qrep = jax.jit(lambda p, ids, m: query_representation(model, p, ids, m, hidden_layer=cfg.spread.hidden_layer,
-                                                        pooling=cfg.spread.pooling))
-  methods = _methods(cfg)
-  transforms = {name: make_transform(cfg.generation, alpha, cfg.spread.pooling) for name, alpha in methods}
-  timing = {name: 0.0 for name, _ in methods}
-  bs = cfg.generation.batch_size
-  gen_kw = dict(gen_length=g, steps=cfg.generation.steps, block_length=cfg.generation.block_length,
-                stop_at_eos=cfg.generation.stop_at_eos, hidden_layer=cfg.spread.hidden_layer,
-                cache=cfg.generation.cache)
+  methods = methods_of(cfg)
+  budget = {"train_steps": 0, "train_examples_seen": 0, "train_s": 0.0}
+  if reader_record:
+    budget = {"train_steps": reader_record.get("steps"), "train_examples_seen": reader_record.get("examples_seen"),
+              "train_s": reader_record.get("wall_seconds")}
+  done = _read_done(out / "predictions.jsonl")
+  report, timings = {}, {}
+  for name in names:
+    records, info = loaded[name]
+    evals = held.get(info["name"], records)
+    evals = sample(evals, cfg.data.limit, cfg.data.seed)
+    if not evals:
+      raise ValueError(f"no question of {info['name']} is held out for evaluation: raise data.holdout")
+    t0 = time.perf_counter()
+    corpus = build_corpus(cfg, records)
+    passages = retrieve(cfg, evals, corpus)
+    walls[f"retrieval:{info['name']}"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sw = _evaluate_set(cfg, info["name"], evals, passages, model, params, tok, methods, rule, eos, pad, encoder,
+                       done, out, progress)
+    walls[f"generation:{info['name']}"] = time.perf_counter() - t0
+    timings[info["name"]] = {m: sw[m].timing for m in sw}
+    counts = {k: info[k] for k in ("records", "without_answers_skipped")}
+    counts.update(eval=len(evals), train=len(train), corpus=len(corpus))
+    report[info["name"]] = {"info": info, "counts": counts, "leakage": leakage(train, train_prompts, evals),
+                            "evals": evals, "passages": passages}
+  summary = summarize(cfg, done, report, methods, timings, budget)
+  write_manifest(out, config=cfg, data={n: r["info"] for n, r in report.items()} | (
+      {"reader_train": train_info} if train_info else {}),
+                 seeds={"generation": cfg.generation.seed, "data": cfg.data.seed, "reader": cfg.reader.seed},
+                 wall_times=walls, artefacts=[reader_record] if reader_record else [])
+  return summary
+
+
+def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params, tok, methods, rule, eos, pad,
+                  encoder, done, out: Path, progress: bool) -> dict[str, Stopwatch]:
+  """Answers every question of one set with every method, appending to predictions.jsonl."""
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  spec, gen, mcfg = cfg.prompt, cfg.generation, model.config
+  shift = 1 if cfg.spread.dream_hidden == "i_minus_1" else 0
+  qrep = _query_fn(model, cfg.spread.hidden_layer, cfg.spread.pooling, shift)
+  transforms = {n: make_transform(gen, rule, a, cfg.spread.pooling) for n, a in methods}
+  watches = {n: Stopwatch() for n, _ in methods}
+  bs = gen.batch_size
+  gen_kw = dict(gen_length=gen.gen_length, steps=gen.steps, block_length=gen.block_length, stop_at_eos=gen.stop_at_eos,
+                hidden_layer=cfg.spread.hidden_layer, hidden_offset=shift, cache=gen.cache)
+  batches = list(range(0, len(evals), bs))
   with open(out / "predictions.jsonl", "a") as sink:
-    for start in tqdm(range(0, len(evals), bs), desc="rag", disable=not progress):
+    for bi, start in enumerate(tqdm(batches, desc=f"rag {set_name}", disable=not progress)):
       batch = evals[start:start + bs]
-      todo = [(n, a) for n, a in methods if any((n, r["id"]) not in done for r in batch)]
+      todo = [(n, a) for n, a in methods if any((set_name, n, r["id"]) not in done for r in batch)]
       if not todo:
         continue
       rows = batch + [batch[-1]] * (bs - len(batch))  # fixed batch shape: one compilation
-      prompts = [build_prompt(tok, spec, r["question"], [p["text"] for p in passages[r["id"]]])[0] for r in rows]
-      ids, mask = _left_pad(prompts, spec.max_prompt_tokens, pad)
-      q_tok = [tok(r["question"], add_special_tokens=False)["input_ids"][:spec.max_prompt_tokens] for r in rows]
-      q_len = max(8, 1 << (max(len(q) for q in q_tok) - 1).bit_length())
-      q_ids, q_mask = _left_pad(q_tok, q_len, pad)
+      built = [build_prompt(tok, spec, r["question"], [p["text"] for p in passages[r["id"]]]) for r in rows]
+      ids, mask = _left_pad([b.ids for b in built], spec.max_prompt_tokens, pad)
+      q_tok = [tok(r["question"], add_special_tokens=False)["input_ids"][:QUERY_TOKENS] for r in rows]
+      q_ids, q_mask = _left_pad(q_tok, QUERY_TOKENS, pad)
       extras = {"query_hidden": qrep(params, q_ids, q_mask)}
       if cfg.spread.pooling == "max_token":
         extras["query_mask"] = jnp.asarray(q_mask)
+      key = jax.random.key(gen.seed + start)
       for name, _ in todo:
-        t0 = time.perf_counter()
-        sample = jax.device_get(generate(model, params, ids, transforms[name],
-                                         jax.random.key(cfg.generation.seed + start),
-                                         attention_mask=mask if pad_mask else None, extras=extras, **gen_kw))
-        if start > 0:  # the first batch compiles: timed separately
-          timing[name] += time.perf_counter() - t0
+        call = lambda: jax.device_get(generate(model, params, ids, transforms[name], key, attention_mask=mask,
+                                               extras=extras, **gen_kw))
+        if watches[name].timing.compile_seconds == 0.0:  # the first batch compiles: timed apart
+          with watches[name].warmup():
+            sample_ = call()
         else:
-          timing[f"{name}_first_batch"] = time.perf_counter() - t0
-        gen_ids = sample.tokens[:, spec.max_prompt_tokens:]
-        answers = truncate_at_eos(gen_ids, eos)
-        curves = _drift(encoder, tok, [r["question"] for r in batch], gen_ids, sample.commit_step, eos,
-                        mcfg.mask_token_id, int(sample.num_forward)) if encoder is not None else [[]] * len(batch)
+          with watches[name].timed():
+            sample_ = call()
+        gen_ids = sample_.tokens[:, spec.max_prompt_tokens:]
+        answers = answer_ids(gen_ids, eos, gen.answer_scope)
+        curves = _drift(encoder, tok, [r["question"] for r in batch], gen_ids, sample_.commit_step, eos,
+                        mcfg.mask_token_id, int(sample_.num_forward), gen.answer_scope) \
+            if encoder is not None else [[]] * len(batch)
         for i, r in enumerate(batch):
-          if (name, r["id"]) in done:
+          if (set_name, name, r["id"]) in done:
             continue
-          pred = tok.decode(answers[i], skip_special_tokens=True).strip()
-          curve = curves[i]
-          rec = {"method": name, "id": r["id"], "question": r["question"], "answers": r["answers"],
-                 "passage_ids": [p["id"] for p in passages[r["id"]]], "prediction": pred,
-                 "drift_curve": [None if np.isnan(v) else round(float(v), 5) for v in curve],
-                 "forward_passes": int(sample.num_forward)}
+          prompt_text = tok.decode(built[i].ids, skip_special_tokens=True)
+          rec = {"dataset": set_name, "method": name, "id": r["id"], "question": r["question"],
+                 "answers": r["answers"], "passage_ids": [p["id"] for p in passages[r["id"]]],
+                 "passages_kept": built[i].kept, "prompt_tokens_cut": built[i].cut_tokens,
+                 "answer_in_prompt": answer_in(prompt_text, r["answers"]),
+                 "prediction": tok.decode(answers[i], skip_special_tokens=True).strip(),
+                 "commit_step": sample_.commit_step[i].tolist(),
+                 "drift_curve": [None if np.isnan(v) else round(float(v), 5) for v in curves[i]],
+                 "forward_passes": int(sample_.num_forward)}
           sink.write(json.dumps(rec) + "\n")
           sink.flush()
-          done[(name, r["id"])] = rec
-  return summarize(cfg, done, passages, methods, counts, timing)
+          done[(set_name, name, r["id"])] = rec
+  return watches
 
 
-def _drift(encoder, tok, questions, gen_ids, commit_step, eos, mask_id, steps):
-  """Per question, the drift curve over forward passes t = 0..steps-1 of the text committed
-  by step t (up to a committed EOS)."""
+QUERY_TOKENS = 64  # questions are padded to this length for h_q (positions ignore the padding)
+
+
+@functools.lru_cache(maxsize=None)
+def _query_fn(model, hidden_layer: int, pooling: str, shift: int):
+  del shift  # h_q pools the question's own states, whatever position SPREAD reads on the canvas
+  return jax.jit(lambda p, ids, m: query_representation(model, p, ids, m, hidden_layer=hidden_layer, pooling=pooling))
+
+
+def _drift(encoder, tok, questions, gen_ids, commit_step, eos, mask_id, steps, scope):
+  """Per question, the drift curve over forward passes t = 0..steps-1 of the answer text
+  committed by step t (up to a committed EOS with answer_scope first_eos)."""
   texts = []
   for row, cs in zip(gen_ids[:len(questions)], commit_step[:len(questions)]):
     per_step = []
@@ -310,7 +559,7 @@ def _drift(encoder, tok, questions, gen_ids, commit_step, eos, mask_id, steps):
       for x, c in zip(row.tolist(), cs.tolist()):
         if not 0 <= c <= t:
           continue
-        if x == eos:
+        if x == eos and scope == "first_eos":
           break
         if x != mask_id:
           words.append(x)
@@ -325,46 +574,91 @@ def _read_done(path: Path) -> dict:
     for line in path.read_text().splitlines():
       if line.strip():
         rec = json.loads(line)
-        done[(rec["method"], rec["id"])] = rec
+        done[(rec.get("dataset", ""), rec["method"], rec["id"])] = rec
   return done
 
 
-def summarize(cfg: RagConfig, done: dict, passages, methods, counts, timing) -> dict:
+# --------------------------------------------------------------------------- summary
+
+
+def _per_question(cfg, recs, passages) -> dict[str, np.ndarray]:
+  scores = [M.qa_scores(r["prediction"], r["answers"]) for r in recs]
+  drift = [M.rsd([np.nan if v is None else v for v in r["drift_curve"]]) if r["drift_curve"] else
+           {"rsd": np.nan} for r in recs]
+  out = {k: np.array([100 * s[k] for s in scores]) for k in ("em", "precision", "recall", "f1")}
+  out["length"] = np.array([s["length"] for s in scores])
+  out["copy_rate"] = np.array([100 * M.copy_rate(r["prediction"], [p["text"] for p in passages.get(r["id"], [])])
+                               for r in recs])
+  out["rsd"] = np.array([d["rsd"] for d in drift], np.float64)
+  return out
+
+
+def summarize(cfg: RagConfig, done: dict, report: dict, methods, timings: dict, budget: dict) -> dict:
   with warnings.catch_warnings():  # NaN steps (nothing committed yet) are expected in drift curves
     warnings.simplefilter("ignore", RuntimeWarning)
-    return _summarize(cfg, done, passages, methods, counts, timing)
+    return _summarize(cfg, done, report, methods, timings, budget)
 
 
-def _summarize(cfg: RagConfig, done: dict, passages, methods, counts, timing) -> dict:
+def _summarize(cfg: RagConfig, done: dict, report: dict, methods, timings: dict, budget: dict) -> dict:
   out = Path(cfg.out_dir)
-  rows, curves = [], {}
-  for name, alpha in methods:
-    recs = [r for (n, _), r in done.items() if n == name]
-    if not recs:
-      continue
-    scores = [M.qa_scores(r["prediction"], r["answers"]) for r in recs]
-    cr = [M.copy_rate(r["prediction"], [p["text"] for p in passages.get(r["id"], [])]) for r in recs]
-    drift = [M.rsd([np.nan if v is None else v for v in r["drift_curve"]]) for r in recs if r["drift_curve"]]
-    mean = lambda key, xs: float(np.nanmean([x[key] for x in xs])) if xs else float("nan")
-    row = {"method": name, "alpha": 0.0 if alpha is None else alpha, "questions": len(recs),
-           "em": round(100 * mean("em", scores), 2), "precision": round(100 * mean("precision", scores), 2),
-           "recall": round(100 * mean("recall", scores), 2), "f1": round(100 * mean("f1", scores), 2),
-           "answer_words": round(mean("length", scores), 2), "copy_rate": round(100 * float(np.mean(cr)), 2),
-           "rsd": round(mean("rsd", drift), 4), "rsd_first_last": round(mean("first_last", drift), 4),
-           "rsd_area": round(mean("area", drift), 4), "final_distance": round(mean("final_distance", drift), 4),
-           "seconds": round(timing.get(name, 0.0), 2)}
-    rows.append(row)
-    if drift:
-      length = max(len(r["drift_curve"]) for r in recs)
-      mat = np.full((len(recs), length), np.nan)
-      for i, r in enumerate(recs):
-        mat[i, :len(r["drift_curve"])] = [np.nan if v is None else v for v in r["drift_curve"]]
-      curves[name] = np.nanmean(mat, axis=0)
-  base = next((r for r in rows if r["method"] == "baseline"), None)
-  for r in rows:
-    r["time_vs_baseline"] = round(r["seconds"] / base["seconds"], 3) if base and base["seconds"] else ""
-  table = write_table(rows, out, "rag")
-  summary = {"config": dataclasses.asdict(cfg), "counts": counts, "methods": rows}
+  rows, curves, sets = [], {}, {}
+  for set_name, rep in report.items():
+    ids = [r["id"] for r in rep["evals"]]
+    per = {}
+    for name, alpha in methods:
+      recs = [done[(set_name, name, i)] for i in ids if (set_name, name, i) in done]
+      if len(recs) != len(ids):
+        continue
+      per[name] = (alpha, recs, _per_question(cfg, recs, rep["passages"]))
+    base = per.get("baseline")
+    set_rows = []
+    for name, (alpha, recs, q) in per.items():
+      t = timings.get(set_name, {}).get(name)
+      timed_q = max(len(ids) - cfg.generation.batch_size, 1)
+      f1 = stats.bootstrap_ci(q["f1"])
+      prec = stats.bootstrap_ci(q["precision"])
+      row = {"dataset": set_name, "method": name, "alpha": 0.0 if alpha is None else alpha, "n": len(recs),
+             "em": round(float(q["em"].mean()), 2), "f1": round(f1[0], 2),
+             "f1_ci": f"[{f1[1]:.2f}, {f1[2]:.2f}]", "precision": round(prec[0], 2),
+             "precision_ci": f"[{prec[1]:.2f}, {prec[2]:.2f}]", "recall": round(float(q["recall"].mean()), 2),
+             "answer_words": round(float(q["length"].mean()), 2),
+             "distinct_%": round(100 * len({r["prediction"] for r in recs}) / len(recs), 1),
+             "copy_rate": round(float(q["copy_rate"].mean()), 2),
+             "rsd": round(float(np.nanmean(q["rsd"])), 4) if np.isfinite(q["rsd"]).any() else "",
+             "answer_in_prompt_%": round(100 * float(np.mean([r["answer_in_prompt"] for r in recs])), 1)}
+      if base is not None and name != "baseline":
+        for key in ("f1", "precision", "em"):
+          c = stats.compare(q[key], base[2][key])
+          row[f"d_{key}"] = stats.fmt_diff(c)
+          row[f"p_{key}"] = stats.fmt_p(c["p"])
+          row.setdefault("_compare", {})[key] = c
+        both = np.isfinite(q["rsd"]) & np.isfinite(base[2]["rsd"])
+        if both.any():
+          c = stats.compare(q["rsd"][both], base[2]["rsd"][both])
+          row["d_rsd"] = stats.fmt_diff(c, digits=4)
+          row["p_rsd"] = stats.fmt_p(c["p"])
+          row["_compare"]["rsd"] = c
+      if t is not None:
+        row["s_per_q"] = round(t.seconds / timed_q, 4) if t.calls else ""
+        row["compile_s"] = round(t.compile_seconds, 2)
+        row["compiles_in_timed"] = t.compiles_in_timed
+      row.update(budget)
+      set_rows.append(row)
+      drift = [r["drift_curve"] for r in recs if r["drift_curve"]]
+      if drift:
+        length = max(len(c) for c in drift)
+        mat = np.full((len(drift), length), np.nan)
+        for i, c in enumerate(drift):
+          mat[i, :len(c)] = [np.nan if v is None else v for v in c]
+        curves[f"{set_name} {name}"] = np.nanmean(mat, axis=0)
+    base_s = next((r.get("s_per_q") for r in set_rows if r["method"] == "baseline"), None)
+    for r in set_rows:
+      r["time_vs_baseline"] = round(r["s_per_q"] / base_s, 3) if base_s and r.get("s_per_q") else ""
+    rows += set_rows
+    sets[set_name] = {"counts": rep["counts"], "leakage": rep["leakage"], "methods": set_rows}
+  table_rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+  table = write_table(table_rows, out, "rag")
+  summary = {"config": dataclasses.asdict(cfg), "budget": budget, "sets": sets, "methods": rows}
   (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
   _plots(out, curves, rows)
   summary["table"] = table
@@ -374,18 +668,29 @@ def _summarize(cfg: RagConfig, done: dict, passages, methods, counts, timing) ->
 def _plots(out: Path, curves: dict, rows: list[dict]) -> None:
   plt = pyplot()
   if curves:
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for name, c in curves.items():
-      ax.plot(np.arange(1, len(c) + 1), c, label=name)
-    ax.set_xlabel("denoising step")
+      ax.plot(np.linspace(0, 1, len(c)), c, label=name)
+    ax.set_xlabel("share of denoising steps")
     ax.set_ylabel("cos(query, committed answer)")
     ax.set_title("semantic drift (mean over questions)")
-    save_figure(fig, out / "drift.png")
+    save_figure(fig, out / "drift.png", legend_size=7)
   if len(rows) > 1:
-    fig, ax = plt.subplots(figsize=(4, 3))
-    pts = sorted((r["alpha"], r["precision"], r["f1"]) for r in rows)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="precision")
-    ax.plot([p[0] for p in pts], [p[2] for p in pts], "s--", label="F1")
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for set_name in dict.fromkeys(r["dataset"] for r in rows):
+      pts = sorted((r["alpha"], r["f1"], r) for r in rows if r["dataset"] == set_name)
+      xs = [p[0] for p in pts]
+      ys = [p[1] for p in pts]
+      err = np.array([[p[1] - _lo(p[2]["f1_ci"]), _hi(p[2]["f1_ci"]) - p[1]] for p in pts]).T
+      ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, label=f"{set_name} F1")
     ax.set_xlabel("SPREAD alpha (0 = baseline)")
-    ax.set_ylabel("%")
-    save_figure(fig, out / "alpha.png")
+    ax.set_ylabel("F1 (%) with 95% interval")
+    save_figure(fig, out / "alpha.png", legend_size=7)
+
+
+def _lo(ci: str) -> float:
+  return float(ci.strip("[]").split(",")[0])
+
+
+def _hi(ci: str) -> float:
+  return float(ci.strip("[]").split(",")[1])

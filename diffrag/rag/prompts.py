@@ -11,7 +11,7 @@ no passage at all still does not fit, the question is too long and that is an er
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 DEFAULT_TEMPLATE = "{passages}\n\nQuestion: {question}\n\nAnswer:"
 
@@ -22,6 +22,17 @@ class PromptSpec:
   passage_separator: str = "\n\n"
   chat: bool = True          # use the tokenizer's chat template when it has one
   max_prompt_tokens: int = 4096
+  context_limit: int = 0     # > 0: prompt + answer canvas must fit this many tokens (else the checkpoint's
+                             # max_position_embeddings is the limit); a config that does not fit is an error
+
+
+class Prompt(NamedTuple):
+  """ids: the prompt token ids; kept: passages kept whole or in part; cut_tokens: passage
+  tokens removed by the fitting rule (0 when everything fitted)."""
+
+  ids: list[int]
+  kept: int
+  cut_tokens: int
 
 
 def _render(tokenizer, spec: PromptSpec, passages: Sequence[str], question: str) -> list[int]:
@@ -39,8 +50,8 @@ def _render(tokenizer, spec: PromptSpec, passages: Sequence[str], question: str)
   return list(ids)
 
 
-def build_prompt(tokenizer, spec: PromptSpec, question: str, passages: Sequence[str]) -> tuple[list[int], int]:
-  """(prompt ids, number of passages kept whole or in part) under spec.max_prompt_tokens."""
+def build_prompt(tokenizer, spec: PromptSpec, question: str, passages: Sequence[str]) -> Prompt:
+  """The prompt under spec.max_prompt_tokens, cut by the fitting rule (counted in `cut_tokens`)."""
   if not question.strip():
     raise ValueError("empty question: every record needs question text")
   bare = _render(tokenizer, spec, [], question)
@@ -49,6 +60,7 @@ def build_prompt(tokenizer, spec: PromptSpec, question: str, passages: Sequence[
                      f"{spec.max_prompt_tokens} (the context window minus the answer canvas)")
   kept = list(passages)
   ids = _render(tokenizer, spec, kept, question)
+  full = len(ids)
   while len(ids) > spec.max_prompt_tokens and kept:
     over = len(ids) - spec.max_prompt_tokens
     last = tokenizer(kept[-1], add_special_tokens=False)["input_ids"]
@@ -57,4 +69,4 @@ def build_prompt(tokenizer, spec: PromptSpec, question: str, passages: Sequence[
     else:
       kept[-1] = tokenizer.decode(last[:len(last) - over - 1])  # -1: re-tokenising can merge pieces
     ids = _render(tokenizer, spec, kept, question)
-  return ids, len(kept)
+  return Prompt(ids, len(kept), full - len(ids))

@@ -19,10 +19,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from diffrag.models.transformer import positions_from_mask
 from diffrag.retrieval.dense import mean_pool
 from diffrag.sampling.transforms import ScoreTransform, stateless
 
 POOLINGS = ("mean", "max_token")
+DREAM_HIDDEN = ("i", "i_minus_1")  # which state represents masked position i (spec 3.3.1)
 
 
 def _unit(x):
@@ -72,9 +74,12 @@ def query_representation(model, params, query_ids, query_mask, *, hidden_layer: 
 
   query_ids, query_mask: [B, Lq] (1 = real token). mean: [B, D] mean-pooled, L2-normalised;
   max_token: [B, Lq, D] per-token states (with query_mask as extras["query_mask"]).
+  Padding is invisible: padded keys are masked and positions count real tokens only, so the
+  same question gives the same h_q whatever it is batched or padded with (BERT's absolute
+  positions included).
   """
-  _, hidden = model.apply({"params": params}, query_ids, attention_mask=query_mask, return_hidden=True,
-                          hidden_layer=hidden_layer)
+  _, hidden = model.apply({"params": params}, query_ids, attention_mask=query_mask,
+                          positions=positions_from_mask(query_mask), return_hidden=True, hidden_layer=hidden_layer)
   if pooling == "mean":
     return mean_pool(hidden.astype(jnp.float32), query_mask)
   return hidden.astype(jnp.float32)

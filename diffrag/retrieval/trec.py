@@ -3,14 +3,17 @@
 Run file: one line per (query, document): `qid Q0 docid rank score tag`, ranks from 1.
 Qrels: {qid: {docid: relevance}}; a document is relevant when relevance > 0.
 Recall@k = |relevant in top k| / |relevant|;  MRR@k = 1 / rank of the first relevant
-document within the top k (0 if none); both averaged over the queries of the qrels
-(a query with no line in the run scores 0).
+document within the top k (0 if none); nDCG@k with graded relevance (BEIR's headline);
+all averaged over the queries of the qrels (a query with no line in the run scores 0).
+`per_query` computes them with ranx, one score per query, for paired comparisons.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterable, Sequence
+
+import numpy as np
 
 
 def write_run(path: str | Path, rankings: dict[str, Sequence[tuple[str, float]]], tag: str = "diffrag") -> None:
@@ -80,3 +83,30 @@ def evaluate(run: dict[str, list[str]], qrels: dict[str, dict[str, int]],
   if known_docs is not None:
     out["unknown_docids_in_run"] = float(sum(1 for ds in run.values() for d in ds if d not in known_docs))
   return out
+
+
+METRICS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "mrr@100")
+
+
+def per_query(run: dict[str, list[str]], qrels: dict[str, dict[str, int]], metrics: Sequence[str] = METRICS):
+  """(query ids, {metric: [n] scores}) with ranx, in the order of the sorted qrels query ids.
+
+  run: qid -> docids by rank (the order is kept: scores are given by rank); a query the run
+  misses, or ranks nothing for, scores 0.
+  """
+  import ranx  # pylint: disable=import-outside-toplevel
+  queries = sorted(q for q, rel in qrels.items() if any(v > 0 for v in rel.values()))
+  if not queries:
+    raise ValueError("no query in the qrels has a relevant document: nothing to evaluate")
+  q = ranx.Qrels({k: {d: int(v) for d, v in qrels[k].items() if v > 0} for k in queries})
+  ranked = {k: {d: float(len(ds) - i) for i, d in enumerate(dict.fromkeys(ds))}
+            for k, ds in run.items() if k in q.keys() and ds}
+  if not ranked:
+    return queries, {m: np.zeros(len(queries)) for m in metrics}
+  r = ranx.Run(ranked)
+  scores = ranx.evaluate(q, r, list(metrics), return_mean=False, make_comparable=True)
+  if len(metrics) == 1:
+    scores = {metrics[0]: scores}
+  order = {k: i for i, k in enumerate(q.keys())}
+  idx = np.array([order[k] for k in queries])
+  return queries, {m: np.asarray(scores[m], np.float64)[idx] for m in metrics}

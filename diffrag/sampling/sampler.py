@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffrag.models.transformer import KVCache
+from diffrag.models.transformer import KVCache, positions_from_mask
 from diffrag.sampling.transforms import ScoreTransform, StepView
 
 Array = jax.Array
@@ -66,6 +66,7 @@ class SampleSpec:
   stop_at_eos: bool = False
   max_steps_per_block: int | None = None
   hidden_layer: int = -1
+  hidden_offset: int = 0
 
   @property
   def num_blocks(self) -> int:
@@ -109,6 +110,9 @@ def check_spec(spec: SampleSpec, model_cfg, transform: ScoreTransform) -> None:
   if not -1 <= spec.hidden_layer < model_cfg.num_layers:
     raise ValueError(f"hidden_layer={spec.hidden_layer}; expected -1 (last) or a layer index in "
                      f"[0, {model_cfg.num_layers})")
+  if spec.hidden_offset not in (0, 1) or (spec.hidden_offset and not model_cfg.shift_logits):
+    raise ValueError(f"hidden_offset={spec.hidden_offset}; expected 0, or 1 for a shifted-logit model (Dream: the "
+                     "state at i - 1 predicts position i)")
   if spec.stop_at_eos and model_cfg.eos_token_id is None:
     raise ValueError("stop_at_eos=True needs the model config's eos_token_id")
 
@@ -132,7 +136,7 @@ def _positions(attention_mask: Array | None, batch: int, length: int) -> Array:
   """0..L-1, or with left padding the count of real tokens before each one (Dream's tok_idx)."""
   if attention_mask is None:
     return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0).astype(jnp.int32)
+  return positions_from_mask(attention_mask)
 
 
 def _step_view(logits, hidden, canvas, s, bl, mask_id, step, spec, extras) -> StepView:
@@ -161,7 +165,7 @@ def _run(params, canvas, attention_mask, key, extras, *, model, transform, spec:
 
   def forward(ids, s, **kw):
     return model.apply({"params": params}, ids, return_hidden=True, output_window=(s, bl),
-                       hidden_layer=spec.hidden_layer, **kw)
+                       hidden_layer=spec.hidden_layer, hidden_offset=spec.hidden_offset, **kw)
 
   def full_forward(canvas, s):
     """Forward over the whole canvas; logits of the block [s, s + bl)."""
@@ -182,7 +186,8 @@ def _run(params, canvas, attention_mask, key, extras, *, model, transform, spec:
     del cache
     logits, hidden, new_cache = model.apply({"params": params}, canvas, attention_mask=attention_mask,
                                             positions=positions, return_hidden=True, return_cache=True,
-                                            output_window=(s, bl), hidden_layer=spec.hidden_layer)
+                                            output_window=(s, bl), hidden_layer=spec.hidden_layer,
+                                            hidden_offset=spec.hidden_offset)
     return logits, hidden, new_cache
 
   def cached(canvas, s, cache):
@@ -200,7 +205,8 @@ def _run(params, canvas, attention_mask, key, extras, *, model, transform, spec:
       c_valid = key_valid & ((idx < qs) | (idx >= qs + win))
     logits, hidden = model.apply({"params": params}, ids, attention_mask=q_valid, positions=q_pos,
                                  return_hidden=True, cache=KVCache(cache.k, cache.v, c_valid),
-                                 output_window=(lb, bl), hidden_layer=spec.hidden_layer)
+                                 output_window=(lb, bl), hidden_layer=spec.hidden_layer,
+                                 hidden_offset=spec.hidden_offset)
     return logits, hidden, cache
 
   def block(b, carry):
@@ -272,7 +278,7 @@ def _run_jit(params, canvas, attention_mask, key, extras, *, model, transform, s
 def generate(model, params, prompt, transform: ScoreTransform, key: Array, *, gen_length: int, steps: int,
              block_length: int | None = None, attention_mask=None, cache: str = "none",
              stop_at_eos: bool = False, max_steps_per_block: int | None = None, hidden_layer: int = -1,
-             extras: dict[str, Any] | None = None, mesh=None, rules=None) -> Sample:
+             hidden_offset: int = 0, extras: dict[str, Any] | None = None, mesh=None, rules=None) -> Sample:
   """Denoises [prompt | MASK * gen_length] with `transform` deciding every step.
 
   model: a MaskedDiffusionTransformer (any flax module with its call signature); params:
@@ -285,7 +291,8 @@ def generate(model, params, prompt, transform: ScoreTransform, key: Array, *, ge
   row's finished blocks contain EOS, its later blocks are filled with EOS without running
   (the text up to the first EOS is unchanged); extras: arrays the transforms read (e.g. a
   query embedding, [B, ...]); hidden_layer: which layer's states transforms see as
-  `view.hidden` (-1: the last, after the final norm); mesh/rules: run under a device mesh (batch over `data`,
+  `view.hidden` (-1: the last, after the final norm); hidden_offset: 1 gives each position the
+  state at i - 1 (shifted-logit models: the state whose logits predict i); mesh/rules: run under a device mesh (batch over `data`,
   parameters by the logical-axis rules; shard params beforehand with `param_shardings`).
   Returns a `Sample`.
   """
@@ -295,7 +302,8 @@ def generate(model, params, prompt, transform: ScoreTransform, key: Array, *, ge
     raise ValueError(f"prompt must be [batch, length] token ids, got shape {prompt.shape}")
   batch, lp = prompt.shape
   block_length = gen_length if block_length is None else block_length
-  spec = SampleSpec(lp, gen_length, block_length, steps, cache, stop_at_eos, max_steps_per_block, hidden_layer)
+  spec = SampleSpec(lp, gen_length, block_length, steps, cache, stop_at_eos, max_steps_per_block, hidden_layer,
+                    hidden_offset)
   check_spec(spec, cfg, transform)
   if not isinstance(prompt, jax.core.Tracer):
     host = np.asarray(prompt)

@@ -70,7 +70,7 @@ class LoopSpec:
   keep: int = 3
   out_dir: str = "outputs/train"
   export: bool = True
-  loss_window: list | None = None  # [start, length]: logits and loss on that span only (pairs)
+  loss_window: list | None = None  # [start, length]: logits and loss on that span only (pairs); start < 0 counts from the end
   objective: str = "diffusion"     # diffusion (masked-NLL) | ar (next-token CE, causal model)
 
 
@@ -139,7 +139,7 @@ def compile_step(model: MaskedDiffusionTransformer, params: dict, cfg: TrainConf
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   window = None if cfg.train.loss_window is None else tuple(int(v) for v in cfg.train.loss_window)
-  step_fn = step_lib.make_train_step(lambda p, x, w=None: model.apply({"params": p}, x, output_window=w), tx, cfg.optim,
+  step_fn = step_lib.make_train_step(step_lib.model_apply_fn(model), tx, cfg.optim,
                                      mask_id=model.config.mask_token_id,
                                      schedule=schedules.get(cfg.train.schedule, cfg.train.eps),
                                      micro_batches=cfg.train.micro_batches, antithetic=cfg.train.antithetic,
@@ -194,9 +194,9 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
     restored = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                               data=ocp.args.JsonRestore()))
     state = restored["state"]
-    if batches is None:
+    if hasattr(data, "set_state") and restored["data"]:
       data.set_state(_from_json(restored["data"]))
-    else:
+    else:  # a plain iterator: replay the batches the checkpointed steps consumed
       for _ in range(start):
         next(data)
   config_lib.dump(cfg, out / "config.yaml")
@@ -233,7 +233,7 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
         with metrics_file.open("a") as f:
           f.write(json.dumps(row) + "\n")
     if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
-      data_state = data.get_state() if batches is None else {}
+      data_state = data.get_state() if hasattr(data, "get_state") else {}
       manager.save(step + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      data=ocp.args.JsonSave(_to_json(data_state))))
   bar.close()

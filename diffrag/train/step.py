@@ -17,6 +17,7 @@ import optax
 
 from diffrag.diffusion import schedule as schedules
 from diffrag.diffusion.objective import ar_loss, diffusion_loss
+from diffrag.models.transformer import positions_from_mask
 
 # Kernels that LoRA adapts, with the number of input axes of each (after the layer axis).
 LORA_TARGETS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1, "wi": 1, "wo": 1}
@@ -125,26 +126,45 @@ def init_state(params: dict, tx: optax.GradientTransformation, cfg: OptimConfig,
 # ----------------------------------------------------------------------------- step
 
 
+def model_apply_fn(model) -> Callable:
+  """apply_fn(params, tokens, window=None, attention_mask=None) -> logits for `make_train_step`:
+  the model's forward with `output_window=window`, the key-padding mask and positions that
+  count real tokens only (`positions_from_mask`)."""
+
+  def apply_fn(params, tokens, window=None, attention_mask=None):
+    positions = None if attention_mask is None else positions_from_mask(attention_mask)
+    return model.apply({"params": params}, tokens, output_window=window, attention_mask=attention_mask,
+                       positions=positions)
+  return apply_fn
+
+
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim: OptimConfig, *, mask_id: int,
                     schedule: schedules.MaskingSchedule, micro_batches: int = 1, antithetic: bool = False,
                     loss_window: tuple[int, int] | None = None, objective: str = "diffusion"):
   """Returns step(state, batch, key) -> (state, metrics); jit it once.
 
-  apply_fn(params, tokens [B, L]) -> logits [B, L, V], or with `loss_window=(start, n)`
-  apply_fn(params, tokens, window) -> logits [B, n, V] of that span (every maskable
-  position must lie inside it: the loss is taken there only). objective: "diffusion"
+  apply_fn(params, tokens [B, L], window=None, attention_mask=None) -> logits [B, L, V], or
+  with `loss_window=(start, n)` the logits [B, n, V] of that span (every maskable position
+  must lie inside it: the loss is taken there only; a negative start counts from the end,
+  so `(-n, n)` is the last n positions whatever the batch's length, e.g. the response of
+  length-bucketed prompt -> response pairs). batch: {"tokens", "maskable"} and optionally
+  "attention_mask" [B, L] (1 = real token: left padding is masked out as keys and
+  positions count real tokens only). objective: "diffusion"
   (masked-NLL ELBO) or "ar" (next-token CE of a causal, shifted-logit model: the
   autoregressive baseline). The batch is split into
   `micro_batches` equal slices whose gradients are averaged (lax.scan), then one update.
   """
 
-  def loss_fn(trainable, frozen, tokens, maskable, key):
+  def loss_fn(trainable, frozen, tokens, maskable, attention_mask, key):
     params = model_params(trainable, frozen, optim)
-    logits_fn = (lambda xt: apply_fn(params, xt)) if loss_window is None else \
-        (lambda xt: apply_fn(params, xt, loss_window))
+    window = None
+    if loss_window is not None:
+      start, n = loss_window
+      window = (start + tokens.shape[1] if start < 0 else start, n)
+    logits_fn = lambda xt: apply_fn(params, xt, window=window, attention_mask=attention_mask)
     if objective == "ar":
-      return ar_loss(logits_fn, key, tokens, maskable, loss_window)
-    return diffusion_loss(logits_fn, key, tokens, maskable, mask_id, schedule, antithetic, loss_window)
+      return ar_loss(logits_fn, key, tokens, maskable, window)
+    return diffusion_loss(logits_fn, key, tokens, maskable, mask_id, schedule, antithetic, window)
 
   if objective not in ("diffusion", "ar"):
     raise ValueError(f"objective={objective!r}; expected 'diffusion' or 'ar'")
@@ -152,6 +172,12 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
 
   def step(state: TrainState, batch: dict, key: jax.Array):
     tokens, maskable = batch["tokens"], batch["maskable"]
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(tokens, jnp.int32)
+      use_mask = False
+    else:
+      use_mask = True
     b = tokens.shape[0]
     if b % micro_batches:
       raise ValueError(f"batch size {b} is not divisible by micro_batches={micro_batches}")
@@ -160,13 +186,14 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
 
     def accumulate(carry, xs):
       grads, loss, aux = carry
-      (l, a), g = grad_fn(state.params, state.frozen, *xs)
+      t, m, am, k = xs
+      (l, a), g = grad_fn(state.params, state.frozen, t, m, am if use_mask else None, k)
       return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l, jax.tree_util.tree_map(jnp.add, aux, a)), None
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     aux0 = {"masked_tokens": jnp.zeros((), jnp.int32), "correct": jnp.zeros((), jnp.int32)}
     (grads, loss, aux), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), aux0),
-                                         (split(tokens), split(maskable), keys))
+                                         (split(tokens), split(maskable), split(attention_mask), keys))
     grads = jax.tree_util.tree_map(lambda g: g / micro_batches, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,126 @@
+"""The controlled-experiment layer: artefact store, provenance, compile-free timing, paired statistics."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffrag.experiment import stats
+from diffrag.experiment.provenance import canonical, fingerprint, write_manifest
+from diffrag.experiment.store import ArtefactStore
+from diffrag.experiment.timing import Stopwatch, count_compiles
+
+
+def test_fingerprint_is_stable_and_content_based():
+  a = {"train": {"steps": 3, "lr": 1e-4}, "codes": np.arange(6).reshape(2, 3), "name": "x"}
+  b = {"name": "x", "codes": np.arange(6).reshape(2, 3), "train": {"lr": 1e-4, "steps": 3}}
+  assert fingerprint(a) == fingerprint(b)
+  assert fingerprint(a) != fingerprint({**a, "codes": np.arange(6).reshape(3, 2)})  # shape matters
+  assert fingerprint(a) != fingerprint({**a, "train": {"steps": 4, "lr": 1e-4}})
+  with pytest.raises(TypeError, match="cannot fingerprint"):
+    fingerprint({"f": lambda: 0})
+
+
+def test_store_reuses_only_on_an_exact_match(tmp_path):
+  logs = []
+  store = ArtefactStore(tmp_path, log=logs.append)
+  spec = {"init": "minilm", "train": {"steps": 10, "lr": 1e-3}, "data": "squad_v1:train"}
+  art = store.get("reader", spec)
+  assert not art.done and (art.path / "spec.json").exists() and "building it" in logs[-1]
+  store.finish(art, {"steps": 10, "wall_seconds": 1.5})
+  again = store.get("reader", json.loads(json.dumps(spec)))
+  assert again.path == art.path and again.done and "reusing" in logs[-1]
+  assert again.record(True)["reused"] and again.record(True)["steps"] == 10
+  # every determining field, changed in turn, gives a new artefact and says which field differs
+  for changed in ({**spec, "init": "bert"}, {**spec, "train": {"steps": 11, "lr": 1e-3}},
+                  {**spec, "train": {"steps": 10, "lr": 2e-3}}, {**spec, "data": "squad_v1:dev"}):
+    other = store.get("reader", changed)
+    assert other.path != art.path and not other.done
+    key = next(k for k in ("init", "steps", "lr", "data") if k in logs[-1].split("differs in")[1])
+    assert key
+  unfinished = store.get("reader", {**spec, "init": "bert"})
+  assert "resuming the unfinished build" in logs[-1] and not unfinished.done
+
+
+def test_manifest_records_provenance(tmp_path):
+  from diffrag.rag.pipeline import RagConfig
+  path = write_manifest(tmp_path, config=RagConfig(), data={"squad": {"sha256": "abc"}}, seeds={"gen": 0},
+                        wall_times={"train": 1.23456}, artefacts=[{"kind": "reader", "reused": True}])
+  m = json.loads(path.read_text())
+  assert m["config"]["__dataclass__"] == "RagConfig" and m["config"]["data"]["dataset"] == "squad_v1:dev"
+  assert set(m["git"]) == {"commit", "dirty"} and m["packages"]["jax"] and m["device"]["backend"] == "cpu"
+  assert m["seeds"] == {"gen": 0} and m["wall_times_s"] == {"train": 1.235} and m["artefacts"][0]["reused"]
+  assert canonical((1, np.int64(2))) == [1, 2]
+
+
+def test_timed_calls_do_not_compile():
+  f = jax.jit(lambda x: jnp.tanh(x) * 2)
+  sw = Stopwatch()
+  with count_compiles() as c:
+    with sw.warmup():
+      jax.block_until_ready(f(jnp.ones(4)))
+  assert c["count"] >= 1 and sw.timing.compile_seconds > 0
+  x = jnp.ones(4) * 2  # (an eager op compiles too: keep it out of the timed region)
+  for _ in range(3):
+    with sw.timed():
+      jax.block_until_ready(f(x))
+  assert sw.timing.calls == 3 and sw.timing.compiles_in_timed == 0
+  y = jnp.ones(5)
+  with sw.timed():  # a new shape compiles: the timing says so
+    jax.block_until_ready(f(y))
+  assert sw.timing.compiles_in_timed >= 1
+
+
+def test_sampler_chains_are_built_once_so_the_timed_call_does_not_compile():
+  """The RAG/GR decoders cache their chains: a second call with the same settings is the same
+  compiled function (the bug this guards against: a fresh chain per call recompiled the sampler)."""
+  from diffrag.models import MaskedDiffusionTransformer, init_params, preset
+  from diffrag.rag.pipeline import GenerationSpec, make_transform
+  from diffrag.sampling.sampler import generate
+  cfg = preset("tiny-llada")
+  model, params = MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(0))
+  gen = GenerationSpec(gen_length=8, steps=4)
+  assert make_transform(gen, "llada", 0.5, "mean") is make_transform(GenerationSpec(gen_length=8, steps=4),
+                                                                       "llada", 0.5, "mean")
+  prompt = np.arange(2, 10).reshape(2, 4)
+  extras = {"query_hidden": jnp.ones((2, cfg.hidden_size))}
+  call = lambda: jax.block_until_ready(generate(model, params, prompt, make_transform(gen, "llada", 0.5, "mean"),
+                                                jax.random.key(0), gen_length=8, steps=4, extras=extras))
+  call()
+  with count_compiles() as c:
+    call()
+  assert c["count"] == 0
+
+
+def test_paired_statistics():
+  rng = np.random.default_rng(0)
+  base = rng.random(400)
+  same = stats.compare(base, base)
+  assert same["diff"] == 0 and same["p"] == 1.0 and not same["significant"] and same["n"] == 400
+  better = stats.compare(base + 0.1 + rng.normal(0, 0.05, 400), base)
+  assert better["significant"] and better["lo"] > 0 and better["p"] < 1e-3
+  noise = stats.compare(base + rng.normal(0, 0.3, 400), base)
+  assert noise["lo"] < noise["diff"] < noise["hi"]
+  assert stats.compare(base + rng.normal(0, 0.3, 400), base) != noise  # different data, different result
+  assert stats.compare(*(base + 0.01, base)) == stats.compare(base + 0.01, base)  # seeded: reproducible
+  mean, lo, hi = stats.bootstrap_ci(np.r_[np.zeros(50), np.ones(50)])
+  assert mean == 0.5 and 0.38 < lo < 0.45 and 0.55 < hi < 0.62  # ~ +-1.96 * 0.05
+  with pytest.raises(ValueError, match="same items"):
+    stats.compare(base, base[:-1])
+  with pytest.raises(ValueError, match="NaN"):
+    stats.compare(np.r_[base[:-1], np.nan], base)
+  assert stats.fmt_diff(better).endswith("*") and stats.fmt_diff(noise).endswith("(n.s.)") or noise["significant"]
+
+
+def test_randomization_test_agrees_with_ranx_fisher():
+  """Our sign-flip test is the test ranx.compare runs (Fisher's randomization): same p within MC error."""
+  from ranx.statistical_tests import fisher_randomization_test
+  rng = np.random.default_rng(1)
+  a = rng.random(200)
+  for shift in (0.0, 0.02, 0.05):
+    b = a + shift + rng.normal(0, 0.2, 200)
+    ours = stats.randomization_p(b - a, n_perm=4000)
+    ref, _ = fisher_randomization_test(a, b, 4000, 0.05, 42)
+    assert abs(ours - ref) < 0.04, (shift, ours, ref)

@@ -21,6 +21,7 @@ import numpy as np
 from diffrag.models import from_pretrained, init_params, minilm_path, preset
 from diffrag.models.transformer import MaskedDiffusionTransformer
 from diffrag.parallel import mesh as mesh_lib
+from diffrag.experiment.timing import Stopwatch
 from diffrag.report import write_table
 from diffrag.train.loop import LoopSpec, MeshSpec, TrainConfig, _global_batch, compile_step
 from diffrag.train.step import OptimConfig
@@ -33,17 +34,20 @@ def _jax_train_tokens_per_s(model, params, batch, steps):
   cfg = TrainConfig(optim=OptimConfig(lr=1e-4, warmup_steps=1), train=LoopSpec(steps=steps + 2),
                     mesh=MeshSpec(1, 1, 1))
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, 1))
-  t0 = time.perf_counter()
-  state, step, sharding = compile_step(model, params, cfg, mesh, mesh_lib.DEFAULT_RULES)
-  b = _global_batch(batch, sharding)
-  state, m = step(state, b, jax.random.key(0))
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for i in range(steps):
-    state, m = step(state, b, jax.random.key(i + 1))
-  jax.block_until_ready((state, m))
-  return batch["tokens"].size * steps / (time.perf_counter() - t0), compile_s
+  sw = Stopwatch()
+  with sw.warmup():
+    state, step, sharding = compile_step(model, params, cfg, mesh, mesh_lib.DEFAULT_RULES)
+    b = _global_batch(batch, sharding)
+    state, m = step(state, b, jax.random.key(0))
+    jax.block_until_ready(m)
+  keys = [jax.random.key(i + 1) for i in range(steps)]
+  with sw.timed():
+    for key in keys:
+      state, m = step(state, b, key)
+    jax.block_until_ready((state, m))
+  if sw.timing.compiles_in_timed:
+    raise RuntimeError("the timed training steps compiled: the step must be jitted once")
+  return batch["tokens"].size * steps / sw.timing.seconds, sw.timing.compile_seconds
 
 
 def _torch_train_tokens_per_s(torch_model, logits_of, batch, mask_id, steps):
@@ -191,19 +195,24 @@ def _eager_generate(model, params, prompt, *, steps, gen_length, block_length, m
   return np.asarray(x)
 
 
-def _timed(fn, repeat=3):
-  """(output, first call incl. compile in s, best of `repeat` later calls in s)."""
-  t0 = time.perf_counter()
-  out = fn()
-  jax.block_until_ready(out)
-  first = time.perf_counter() - t0
+def _timed(fn, repeat=3, strict=True):
+  """(output, first call incl. compile in s, best of `repeat` later calls in s); raises if a
+  timed call compiled (the timing would not be steady state), unless `strict=False` (the eager
+  per-op loop, whose ops are cached after the warm-up anyway)."""
+  sw = Stopwatch()
+  with sw.warmup():
+    out = jax.block_until_ready(fn())
   best = float("inf")
   for _ in range(repeat):
-    t0 = time.perf_counter()
-    out = fn()
-    jax.block_until_ready(out)
-    best = min(best, time.perf_counter() - t0)
-  return out, first, best
+    lap = Stopwatch()
+    with lap.timed():
+      out = jax.block_until_ready(fn())
+    best = min(best, lap.timing.seconds)
+    sw.timing.compiles_in_timed += lap.timing.compiles_in_timed
+  if strict and sw.timing.compiles_in_timed:
+    raise RuntimeError(f"a timed benchmark call compiled {sw.timing.compiles_in_timed} time(s): build the function "
+                       "and its static arguments once, outside the timed calls")
+  return out, sw.timing.compile_seconds, best
 
 
 def bench_sampler(out: Path, prompt_len: int = 32) -> list[dict]:
@@ -221,12 +230,11 @@ def bench_sampler(out: Path, prompt_len: int = 32) -> list[dict]:
       kw = dict(steps=gen, gen_length=gen, block_length=32)
       sample, first, jit_s = _timed(lambda: generate(model, params, prompt, llada, jax.random.key(0), **kw))
       ours = np.asarray(sample.tokens)
-      t0 = time.perf_counter()
-      eager = _eager_generate(model, params, prompt, mask_id=cfg.mask_token_id, **kw)
-      eager_s = time.perf_counter() - t0
-      t0 = time.perf_counter()
-      ref = _torch_llada_generate(llama, prompt, mask_id=cfg.mask_token_id, **kw)
-      torch_s = time.perf_counter() - t0
+      # every side gets a warm-up run (compilation, allocation), then one timed run
+      eager, _, eager_s = _timed(lambda: _eager_generate(model, params, prompt, mask_id=cfg.mask_token_id, **kw),
+                                 repeat=1, strict=False)
+      ref, _, torch_s = _timed(lambda: _torch_llada_generate(llama, prompt, mask_id=cfg.mask_token_id, **kw),
+                               repeat=1)
       rows.append({"model": label, "mode": f"LLaDA generate, prompt {prompt_len}, gen {gen}, block 32",
                    "batch": 1, "tokens_per_s": round(gen / jit_s, 1), "eager_loop_tokens_per_s": round(gen / eager_s, 1),
                    "torch_tokens_per_s": round(gen / torch_s, 1), "speedup_vs_eager": round(eager_s / jit_s, 2),
@@ -264,9 +272,136 @@ def bench_sampler(out: Path, prompt_len: int = 32) -> list[dict]:
   return rows
 
 
+def synthetic_docids(n: int, kind: str, *, length: int = 16, vocab: int = 30522, eos: int = 102,
+                     seed: int = 0) -> np.ndarray:
+  """[n, length] unique DocIDs shaped like real ones. title: 1-14 word-piece tokens drawn from a
+  Zipf distribution over the vocabulary, EOS-padded (short titles dominate, as in SciFact and
+  Wikipedia); rq: 3 levels of 256 codes (cluster sizes from a Zipf law) + a collision level,
+  each (level, code) its own token above `vocab`."""
+  rng = np.random.default_rng(seed)
+  if kind == "title":
+    lengths = np.clip(rng.geometric(0.15, n), 1, length - 2)
+    ranks = np.minimum(rng.zipf(1.2, (n, length)), vocab - 2000)
+    codes = (1000 + ranks).astype(np.int64)
+    codes[np.arange(length)[None, :] >= lengths[:, None]] = eos
+    codes, first = np.unique(codes, axis=0, return_index=True)
+    while len(codes) < n:  # top up duplicates with longer titles
+      extra = 1000 + np.minimum(rng.zipf(1.2, (n - len(codes), length)), vocab - 2000)
+      extra[:, -1] = eos
+      codes = np.unique(np.concatenate([codes, extra]), axis=0)
+    return rng.permutation(codes[:n])
+  if kind == "rq":
+    levels = np.stack([np.minimum(rng.zipf(1.3, n), 256) - 1 for _ in range(3)], 1)
+    order = np.lexsort(levels.T[::-1])
+    levels = levels[order]
+    same = np.r_[False, np.all(levels[1:] == levels[:-1], 1)]
+    collision = np.zeros(n, np.int64)
+    for i in np.flatnonzero(same):
+      collision[i] = collision[i - 1] + 1
+    codes = np.concatenate([vocab + np.arange(3)[None] * 256 + levels, vocab + 768 + collision[:, None]], 1)
+    return rng.permutation(codes)
+  raise ValueError(f"synthetic DocIDs kind={kind!r}; expected title or rq")
+
+
+def bench_gr(out: Path, sizes=(10_000, 100_000, 1_000_000), queries: int = 16) -> list[dict]:
+  """Constrained decoding and top-k at scale: ms/query and compiled memory per mode, on a small
+  random model (the constraint's cost does not depend on the model's quality)."""
+  from diffrag.experiment.timing import compiled_memory  # pylint: disable=import-outside-toplevel
+  from diffrag.gr import decode as D  # pylint: disable=import-outside-toplevel
+  from diffrag.gr.docids import DocIDTable  # pylint: disable=import-outside-toplevel
+  from diffrag.sampling.sampler import lower  # pylint: disable=import-outside-toplevel
+  rows = []
+  rng = np.random.default_rng(0)
+  for kind in ("title", "rq"):
+    for n in sizes:
+      t0 = time.perf_counter()
+      codes = synthetic_docids(n, kind)
+      table = DocIDTable(codes, tuple(map(str, range(n))), kind)
+      table.index  # pylint: disable=pointless-statement
+      build_s = time.perf_counter() - t0
+      vocab = int(codes.max()) + 2
+      cfg = preset("tiny-bert", vocab_size=vocab, mask_token_id=vocab - 1, eos_token_id=102,
+                   max_position_embeddings=64)
+      model, params = MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(0))
+      prompts = rng.integers(1000, 20000, (queries, 16)).astype(np.int32)
+      mask = np.ones_like(prompts)
+      lc = table.length
+      modes = [("T-step constrained, T=4", lambda: D.t_step(model, params, prompts, mask, table, 4, constrained=True,
+                                                             batch=queries // 2),
+                lambda: lower(model, params, prompts[:queries // 2], D.diffusion_chain(table), jax.random.key(0),
+                              gen_length=lc, steps=4, attention_mask=mask[:queries // 2],
+                              extras={"docid_index": table.index})),
+               ("beam over states, B=10", lambda: D.beam_search(model, params, prompts, mask, table, 10,
+                                                                batch=queries // 4),
+                lambda: D._beam.lower(params, prompts[:queries // 4], mask[:queries // 4], table.index, model=model,
+                                      beam=10, order="confidence")),
+               ("one-pass top-100", lambda: D.one_pass(model, params, prompts, mask, table, 100, batch=queries // 2),
+                lambda: D._one_pass.lower(params, prompts[:queries // 2], mask[:queries // 2], table.index.codes,
+                                          model=model, k=100))]
+      for name, run, lowered in modes:
+        dec = run()
+        mem = compiled_memory(lowered())
+        rows.append({"docids": kind, "N": n, "Lc": lc, "mode": name, "ms_per_query": round(dec.ms_per_query, 1),
+                     "forward_passes": round(dec.forward, 2), "invalid": dec.invalid,
+                     "compile_s": round(dec.timing.compile_seconds, 1),
+                     "compiles_in_timed": dec.timing.compiles_in_timed,
+                     "compiled_temp_MB": round(mem.get("temp", 0) / 2**20, 1),
+                     "index_MB": round(sum(x.nbytes for x in jax.tree.leaves(table.index)) / 2**20, 1),
+                     "index_build_s": round(build_s, 2), "devices": 1})
+        print(rows[-1], flush=True)
+  rows += _bench_gr_sharded(queries)
+  return rows
+
+
+def _bench_gr_sharded(queries: int) -> list[dict]:
+  """The same T-step constrained decoding on 8 fake CPU devices (queries over `data`, the DocID
+  index replicated), in a subprocess (the device count is fixed when JAX starts)."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = f"""
+import json, time, jax, numpy as np
+from diffrag.bench import synthetic_docids
+from diffrag.experiment.timing import Stopwatch
+from diffrag.gr import decode as D
+from diffrag.gr.docids import DocIDTable
+from diffrag.models import MaskedDiffusionTransformer, init_params, preset
+from diffrag.parallel.mesh import MeshConfig, make_mesh
+from diffrag.sampling.sampler import generate
+n, q = 100_000, {queries}
+codes = synthetic_docids(n, "title")
+table = DocIDTable(codes, tuple(map(str, range(n))), "title")
+cfg = preset("tiny-bert", vocab_size=int(codes.max()) + 2, mask_token_id=int(codes.max()) + 1, eos_token_id=102,
+             max_position_embeddings=64)
+model, params = MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(0))
+prompts = np.random.default_rng(0).integers(1000, 20000, (q, 16)).astype(np.int32)
+mesh = make_mesh(MeshConfig(data=8))
+chain = D.diffusion_chain(table)
+run = lambda: jax.device_get(generate(model, params, prompts, chain, jax.random.key(0), gen_length=table.length,
+                                      steps=4, extras={{"docid_index": table.index}}, mesh=mesh))
+sw = Stopwatch()
+with sw.warmup():
+  out = run()
+with sw.timed():
+  out = run()
+print(json.dumps({{"ms_per_query": 1000 * sw.timing.seconds / q, "invalid": int((table.decode(out.tokens[:, -table.length:]) < 0).sum()),
+                  "compile_s": sw.timing.compile_seconds, "compiles_in_timed": sw.timing.compiles_in_timed,
+                  "forward_passes": int(out.num_forward)}}))
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+  got = json.loads(res.stdout.strip().splitlines()[-1])
+  return [{"docids": "title", "N": 100_000, "Lc": 16, "mode": "T-step constrained, T=4 (8 fake devices, data=8)",
+           "ms_per_query": round(got["ms_per_query"], 1), "forward_passes": got["forward_passes"],
+           "invalid": got["invalid"], "compile_s": round(got["compile_s"], 1),
+           "compiles_in_timed": got["compiles_in_timed"], "compiled_temp_MB": "", "index_MB": "",
+           "index_build_s": "", "devices": 8}]
+
+
 def main(out: str = "bench", only: str | None = None) -> None:
   out_dir = Path(out)
-  sections = {"sampler": bench_sampler, "train": bench_train}
+  sections = {"sampler": bench_sampler, "train": bench_train, "gr": bench_gr}
   for name, fn in sections.items():
     if only and name != only:
       continue

@@ -3,9 +3,12 @@
     python experiments/spread_ablations.py --sweep alpha      [--config configs/rag_minilm_squad.yaml] [k=v ...]
     python experiments/spread_ablations.py --sweep confidence | layer | steps | block | pooling
 
-Each sweep runs `diffrag rag` once per value (the reader is trained once and reused: its
-checkpoint folder is shared), then writes outputs/ablations/<sweep>.{md,csv,png}: precision,
-F1 and RSD of the baseline and of SPREAD (alpha from --alpha) per value.
+Each sweep runs `diffrag rag` once per value; the reader is an artefact keyed by what made
+it, so every run of a sweep reuses the same trained reader (the sweep values only change
+decoding). Writes outputs/ablations/<sweep>.{md,csv,png} and a manifest: per data set and
+value, precision, F1, copy rate and RSD of the baseline and of SPREAD (alpha from --alpha),
+each SPREAD row with its paired difference to the baseline on the same questions (95%
+bootstrap interval, randomization p-value, n).
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from diffrag import config as config_lib
+from diffrag.experiment.provenance import write_manifest
 from diffrag.rag.pipeline import RagConfig, run_rag
 from diffrag.report import pyplot, save_figure, write_table
 
@@ -25,6 +31,8 @@ SWEEPS = {
     "block": ("generation.block_length", [16, 8, 4]),
     "pooling": ("spread.pooling", ["mean", "max_token"]),
 }
+COLUMNS = ("dataset", "method", "alpha", "n", "precision", "precision_ci", "d_precision", "p_precision", "f1", "f1_ci",
+           "d_f1", "p_f1", "em", "copy_rate", "rsd", "d_rsd", "p_rsd", "answer_words", "s_per_q")
 
 
 def main() -> None:
@@ -36,34 +44,47 @@ def main() -> None:
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args()
   key, values = SWEEPS[args.sweep]
-  rows = []
+  rows, manifests = [], []
   for value in values:
     over = list(args.overrides) + [f"{key}={value}", f"out_dir={args.out}/{args.sweep}/{value}"]
     if args.sweep != "alpha":
       over.append(f"spread.alphas=[{args.alpha}]")
     cfg = config_lib.load(RagConfig, args.config, over)
     for r in run_rag(cfg)["methods"]:
-      rows.append({args.sweep: value if args.sweep != "alpha" else r["alpha"], "method": r["method"],
-                   "precision": r["precision"], "f1": r["f1"], "em": r["em"], "rsd": r["rsd"],
-                   "answer_words": r["answer_words"], "seconds": r["seconds"]})
-    if args.sweep == "alpha":
-      break  # one run holds every alpha
+      row = {args.sweep: value if args.sweep != "alpha" else r["alpha"]}
+      row.update({c: r.get(c, "") for c in COLUMNS})
+      rows.append(row)
+    manifests.append(f"{cfg.out_dir}/manifest.json")
   out = Path(args.out)
   print(write_table(rows, out, args.sweep))
+  write_manifest(out / args.sweep, config={"sweep": args.sweep, "key": key, "values": values,
+                                           "config": args.config, "overrides": args.overrides},
+                 extra={"runs": manifests})
   _plot(rows, args.sweep, out / f"{args.sweep}.png")
 
 
+def _err(rows, name):
+  lo = [r[name] - float(r[f"{name}_ci"].strip("[]").split(",")[0]) for r in rows]
+  hi = [float(r[f"{name}_ci"].strip("[]").split(",")[1]) - r[name] for r in rows]
+  return np.array([lo, hi])
+
+
 def _plot(rows, sweep, path):
+  """Precision and F1 (95% intervals as error bars) against the swept value, per data set and method."""
   plt = pyplot()
-  fig, ax = plt.subplots(figsize=(5, 3.2))
-  for method in dict.fromkeys(r["method"] if sweep != "alpha" else "all" for r in rows):
-    pts = [r for r in rows if sweep == "alpha" or r["method"] == method]
-    xs = [str(r[sweep]) for r in pts]
-    ax.plot(xs, [r["precision"] for r in pts], "o-", label=f"{method} precision")
-    ax.plot(xs, [r["f1"] for r in pts], "s--", label=f"{method} F1")
-  ax.set_xlabel(sweep)
-  ax.set_ylabel("%")
-  save_figure(fig, path)
+  fig, ax = plt.subplots(figsize=(6, 3.6))
+  for dataset in dict.fromkeys(r["dataset"] for r in rows):
+    groups = ["all"] if sweep == "alpha" else list(dict.fromkeys(r["method"] for r in rows))
+    for method in groups:
+      pts = [r for r in rows if r["dataset"] == dataset and (sweep == "alpha" or r["method"] == method)]
+      xs = [str(r[sweep]) for r in pts]
+      tag = dataset if sweep == "alpha" else f"{dataset} {method}"
+      ax.errorbar(xs, [r["precision"] for r in pts], yerr=_err(pts, "precision"), fmt="o-", capsize=3,
+                  label=f"{tag} precision")
+      ax.errorbar(xs, [r["f1"] for r in pts], yerr=_err(pts, "f1"), fmt="s--", capsize=3, label=f"{tag} F1")
+  ax.set_xlabel(sweep + (" (0 = baseline)" if sweep == "alpha" else ""))
+  ax.set_ylabel("% (95% bootstrap interval)")
+  save_figure(fig, path, legend_size=6)
 
 
 if __name__ == "__main__":

@@ -166,6 +166,56 @@ def test_spread_alpha_one_commits_in_order_of_relevance(llada):
     np.testing.assert_array_equal(np.argmax(r, -1), np.argmax(cs == t, -1))
 
 
+@pytest.mark.parametrize("family", ["bert", "llada"])
+def test_query_representation_does_not_depend_on_padding(family, tmp_path):
+  """The same question gives the same h_q (within 1e-5) however it is left-padded or batched,
+  for absolute positions (BERT) and RoPE alike."""
+  if family == "bert":
+    model, params = from_pretrained(hf.bert_checkpoint(tmp_path)[0])
+  else:
+    model, params = from_pretrained(hf.llada_checkpoint(tmp_path, seed=3)[0])
+  q = [5, 17, 23, 42, 8]
+  ref = None
+  for length, other in ((5, None), (16, [9, 10]), (32, [11] * 20), (64, [12, 13, 14])):
+    rows = [q] + ([other] if other else [])
+    ids = np.zeros((len(rows), length), np.int32)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+      ids[i, length - len(r):], mask[i, length - len(r):] = r, 1
+    for pooling in ("mean", "max_token"):
+      h = np.asarray(query_representation(model, params, ids, mask, pooling=pooling))[0]
+      if pooling == "max_token":
+        h = h[mask[0] == 1]
+      if ref is None or pooling not in ref:
+        ref = {**(ref or {}), pooling: h}
+      np.testing.assert_allclose(h, ref[pooling], atol=1e-5)
+
+
+def test_dream_hidden_switch_reads_the_state_at_i_minus_1(tmp_path):
+  """spread.dream_hidden=i_minus_1: the relevance of position i uses the state at i - 1 (the one
+  whose logits predict i in a shifted-logit model); rejected for unshifted models."""
+  from diffrag.sampling.sampler import generate
+  dream, dparams = from_pretrained(hf.dream_checkpoint(tmp_path / "d", seed=4)[0])
+  llada, lparams = from_pretrained(hf.llada_checkpoint(tmp_path / "l", seed=4)[0])
+  prompt = np.random.default_rng(0).integers(2, 300, (1, 6))
+  seen = {}
+
+  def probe(offset):
+    def fn(view, key):
+      jax.debug.callback(lambda h: seen.__setitem__(offset, np.asarray(h)), view.hidden)
+      return view
+    return T.chain(T.stateless(fn, needs=("hidden",)), T.greedy(), T.low_confidence(), T.commit_top_k())
+
+  for offset in (0, 1):
+    generate(dream, dparams, prompt, probe(offset), jax.random.key(0), gen_length=4, steps=1, hidden_offset=offset)
+  canvas = np.concatenate([prompt, np.full((1, 4), dream.config.mask_token_id)], 1)
+  _, full = dream.apply({"params": dparams}, jnp.asarray(canvas), return_hidden=True)
+  np.testing.assert_allclose(np.asarray(seen[0])[0], np.asarray(full)[0, 6:10], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(seen[1])[0], np.asarray(full)[0, 5:9], atol=1e-5)
+  with pytest.raises(ValueError, match="shifted-logit"):
+    generate(llada, lparams, prompt, T.llada(), jax.random.key(0), gen_length=4, steps=4, hidden_offset=1)
+
+
 def test_spread_bad_switches():
   with pytest.raises(ValueError, match="alpha must be in"):
     spread(1.5)
@@ -246,6 +296,31 @@ def test_rag_pipeline_end_to_end_and_resume(tmp_path, capsys):
   summary2 = run_rag(other, progress=False)
   assert summary2["sets"]["squad:dev"]["counts"]["eval"] == 7
   assert "reusing the artefact" in capsys.readouterr().out
+
+
+def test_reader_artefact_key_changes_with_every_determining_field(tmp_path):
+  """Each field that determines the reader, changed in turn, gives a different artefact key
+  (so a stale reader is never reused); fields that only change decoding do not."""
+  from diffrag import config as config_lib
+  from diffrag.experiment.provenance import fingerprint
+  from diffrag.rag.pipeline import RagConfig, load_set, reader_request
+  _squad_files(tmp_path / "data")
+  base = _rag_overrides(tmp_path) + ["reader.train_data=squad_v1:train", "retrieval.retriever=dense"]
+
+  def key(*extra):
+    cfg = config_lib.load(RagConfig, None, base + list(extra))
+    records, info = load_set(cfg, cfg.reader.train_data)
+    return fingerprint(reader_request(cfg, records, info, cfg.prompt).spec)
+
+  ref = key()
+  changed = [("reader.train_data=squad_v1:dev",), ("prompt.max_prompt_tokens=40",),
+             ("prompt.template='Q: {question} C: {passages} A:'",), ("generation.gen_length=12",),
+             ("reader.train_steps=3",), ("reader.lr=1e-3",), ("reader.batch_size=4",), ("reader.seed=1",),
+             ("reader.distractors=0",), ("reader.extractive=false",), ("retrieval.max_chars=30",),
+             ("reader.warmup_steps=2",)]
+  keys = [key(*c) for c in changed]
+  assert ref not in keys and len(set(keys)) == len(keys)
+  assert key("generation.steps=4", "spread.alphas=[0.3]", "data.limit=1") == ref  # decoding only
 
 
 def test_rag_split_by_article_and_bad_inputs(tmp_path):

@@ -189,3 +189,73 @@ def test_loss_window_equals_full_loss_when_it_holds_every_maskable_position():
   assert int(m1["masked_tokens"]) == int(m2["masked_tokens"]) > 0
   diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), s1.params, s2.params)
   assert max(jax.tree.leaves(diff)) < 1e-5
+
+
+def _two_steps(model, params, batch, **kw):
+  from diffrag.diffusion import schedule as schedules
+  from diffrag.train import step as step_lib
+  optim = OptimConfig(lr=1e-3, warmup_steps=1, clip_norm=1e9)
+  tx = step_lib.make_optimizer(optim, 10)
+  state = step_lib.init_state(params, tx, optim, jax.random.key(1))
+  step = jax.jit(step_lib.make_train_step(step_lib.model_apply_fn(model), tx, optim, mask_id=model.config.mask_token_id,
+                                          schedule=schedules.get("linear", 1e-3), **kw))
+  out = []
+  for i in range(2):
+    state, m = step(state, batch, jax.random.key(2 + i))
+    out.append(m)
+  return state, out
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "ar"])
+def test_vocabulary_tiled_loss_equals_the_full_softmax(objective):
+  """The loss over vocabulary tiles (no [tokens, V] logits) has the same loss, gradients and
+  accuracy as the materialised softmax, with and without a restricted output vocabulary
+  (Dream's shifted logits included)."""
+  import jax.numpy as jnp
+  from diffrag.diffusion import schedule as schedules
+  from diffrag.diffusion.objective import ar_loss, diffusion_loss
+  from diffrag.models import MaskedDiffusionTransformer, init_params, preset
+  from diffrag.train import step as step_lib
+  for name in ("tiny-llada", "tiny-dream"):
+    cfg = preset(name)
+    model, params = MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(0))
+    apply = step_lib.model_apply_fn(model)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 500, (4, 24)), jnp.int32)
+    maskable = jnp.zeros((4, 24), bool).at[:, 16:].set(True)
+    for allowed in (None, jnp.asarray(rng.random((4, cfg.vocab_size)) < 0.5).at[jnp.arange(4)[:, None], tokens].set(True)):
+
+      def loss(p, tile):
+        def logits_fn(xt):
+          if tile:
+            return apply(p, xt, window=(16, 8), features=True)._replace(allowed=allowed)
+          logits = apply(p, xt, window=(16, 8))
+          return logits if allowed is None else jnp.where(allowed[:, None, :], logits, jnp.finfo(logits.dtype).min)
+        if objective == "ar":
+          return ar_loss(logits_fn, None, tokens, maskable, (16, 8), tile)
+        return diffusion_loss(logits_fn, jax.random.key(3), tokens, maskable, cfg.mask_token_id,
+                              schedules.get("linear", 1e-3), False, (16, 8), tile)
+
+      (l_full, aux_full), g_full = jax.value_and_grad(loss, has_aux=True)(params, 0)
+      (l_tile, aux_tile), g_tile = jax.value_and_grad(loss, has_aux=True)(params, 96)
+      assert abs(float(l_full) - float(l_tile)) < 1e-5 and float(l_full) > 0
+      assert {k: int(v) for k, v in aux_full.items()} == {k: int(v) for k, v in aux_tile.items()}
+      diff = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), g_full, g_tile)
+      assert max(jax.tree.leaves(diff)) < 1e-5
+
+
+def test_remat_policies_give_the_same_loss_and_gradients():
+  import jax.numpy as jnp
+  from diffrag.models import ConfigError, MaskedDiffusionTransformer, init_params, preset
+  cfg = preset("tiny-llada")
+  params = init_params(cfg, jax.random.key(0))
+  batch = {"tokens": jnp.asarray(np.random.default_rng(0).integers(0, 500, (4, 24)), jnp.int32),
+           "maskable": jnp.ones((4, 24), bool)}
+  ref, m_ref = _two_steps(MaskedDiffusionTransformer(cfg), params, batch)
+  for policy in ("full", "dots_saveable", "dots_with_no_batch_dims_saveable"):
+    got, m = _two_steps(MaskedDiffusionTransformer(cfg.replace(remat=policy)), params, batch)
+    assert abs(float(m[-1]["loss"]) - float(m_ref[-1]["loss"])) < 1e-6
+    diff = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), ref.params, got.params)
+    assert max(jax.tree.leaves(diff)) < 1e-6
+  with pytest.raises(ConfigError, match="valid policies: \\['none', 'full'"):
+    cfg.replace(remat="offload_everything")

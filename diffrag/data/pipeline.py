@@ -72,10 +72,30 @@ class PairBatches:
   `seed` and the epoch number: index -> batch is a pure function, so the Grain iterator's
   state (an index) resumes exactly. Prompts longer than the longest bucket raise, unless
   `long="truncate"` (keeps the last tokens; counted in `truncated`).
+
+  `allowed` restricts the output vocabulary the loss normalises over (batch key
+  "allowed_tokens" [B, V] bool): "prompt" = the tokens of each row's prompt plus EOS (an
+  extractive reader, which can only answer with words of its passages), or a [V] bool
+  array shared by every row (e.g. the tokens DocIDs use). Pairs whose response leaves the
+  allowed set cannot be learnt under it: they are dropped and counted (`not_allowed`).
   """
 
   def __init__(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int, seed: int,
-               buckets: Sequence[int], response_len: int, pad_id: int, eos_id: int, long: str = "error"):
+               buckets: Sequence[int], response_len: int, pad_id: int, eos_id: int, long: str = "error",
+               allowed: str | np.ndarray | None = None, vocab_size: int | None = None):
+    if allowed is not None and vocab_size is None:
+      raise ValueError("PairBatches(allowed=...) needs vocab_size")
+    if isinstance(allowed, str) and allowed != "prompt":
+      raise ValueError(f"allowed={allowed!r}; expected 'prompt', a [V] bool array or None")
+    self.allowed, self.vocab_size, self.not_allowed = allowed, vocab_size, 0
+    if allowed is not None:
+      kept = []
+      for prompt, response in pairs:
+        ok = set(prompt) | {eos_id} if isinstance(allowed, str) else None
+        if all((t in ok) if ok is not None else bool(allowed[t]) for t in response):
+          kept.append((prompt, response))
+      self.not_allowed = len(pairs) - len(kept)
+      pairs = kept
     if not pairs:
       raise ValueError("no training pairs: the training set is empty (check the data set and its split)")
     buckets = sorted(set(int(b) for b in buckets))
@@ -142,7 +162,16 @@ class PairBatches:
       tokens[r, length:length + len(a)] = a
     maskable = np.zeros((n, length + g), bool)
     maskable[:, length:] = True
-    return {"tokens": tokens, "maskable": maskable, "attention_mask": mask}
+    out = {"tokens": tokens, "maskable": maskable, "attention_mask": mask}
+    if isinstance(self.allowed, str):
+      allowed = np.zeros((n, self.vocab_size), bool)
+      for r, i in enumerate(rows):
+        allowed[r, self.prompts[i]] = True
+      allowed[:, self.eos_id] = True
+      out["allowed_tokens"] = allowed
+    elif self.allowed is not None:
+      out["allowed_tokens"] = np.broadcast_to(np.asarray(self.allowed, bool), (n, self.vocab_size)).copy()
+    return out
 
   def dataset(self, epochs: int = 100000) -> grain.IterDataset:
     """The Grain dataset of batches (index -> `batch(index)`); iterate it, save/restore its iterator state."""

@@ -6,6 +6,8 @@ x_t replaces each *maskable* token of x_0 by MASK independently with probability
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -38,6 +40,75 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
+class Projected(NamedTuple):
+  """Logits left unmaterialised: logits = features @ w + b, restricted to `allowed`.
+
+  features: [B, n, D]; w: [D, V]; b: [V] or None; allowed: [B, V] bool or None."""
+
+  features: jax.Array
+  w: jax.Array
+  b: jax.Array | None = None
+  allowed: jax.Array | None = None
+
+
+def projected_nll(out: Projected, targets: jax.Array, tile: int) -> tuple[jax.Array, jax.Array]:
+  """(-log softmax(logits)[target], argmax logits) per position, float32, in vocabulary tiles.
+
+  A lax.scan over tiles of `tile` columns of w keeps a running max m, sum s = sum exp(l - m)
+  and argmax; nll = m + log s - l_target, with l_target = f . w[:, target] + b[target]. Each
+  tile is recomputed in the backward pass (jax.checkpoint), so no [B, n, V] array exists.
+  targets: [B, n] -> (nll [B, n], argmax [B, n]).
+  """
+  f = out.features
+  d, v = out.w.shape
+  tiles = -(-v // tile)
+  pad = tiles * tile - v
+  w = jnp.pad(out.w, ((0, 0), (0, pad))).reshape(d, tiles, tile).transpose(1, 0, 2)        # [T, D, tile]
+  b = jnp.zeros((v,), jnp.float32) if out.b is None else out.b.astype(jnp.float32)
+  b = jnp.pad(b, (0, pad), constant_values=-jnp.inf).reshape(tiles, tile)
+  allowed = jnp.ones((f.shape[0], v), bool) if out.allowed is None else out.allowed
+  allowed = jnp.pad(allowed, ((0, 0), (0, pad))).reshape(f.shape[0], tiles, tile).transpose(1, 0, 2)
+
+  @jax.checkpoint
+  def tile_logits(w_k, b_k, a_k):
+    logits = jnp.einsum("bnd,dv->bnv", f, w_k.astype(f.dtype)).astype(jnp.float32) + b_k
+    return jnp.where(a_k[:, None, :], logits, -jnp.inf)
+
+  def body(carry, xs):
+    m, s, best, arg = carry
+    k, w_k, b_k, a_k = xs
+    logits = tile_logits(w_k, b_k, a_k)
+    m_new = jnp.maximum(m, jnp.max(logits, -1))
+    safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    s = s * jnp.exp(jnp.where(jnp.isfinite(m), m - safe, -jnp.inf)) + jnp.sum(jnp.exp(logits - safe[..., None]), -1)
+    top = jnp.max(logits, -1)
+    arg = jnp.where(top > best, k * tile + jnp.argmax(logits, -1), arg)
+    return (m_new, s, jnp.maximum(best, top), arg), None
+
+  shape = targets.shape
+  init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.full(shape, -jnp.inf), jnp.zeros(shape, jnp.int32))
+  (m, s, _, arg), _ = jax.lax.scan(body, init, (jnp.arange(tiles), w, b, allowed))
+  w_t = jnp.take(out.w, targets, axis=1).astype(f.dtype)                                   # [D, B, n]
+  target = jnp.einsum("bnd,dbn->bn", f, w_t).astype(jnp.float32)
+  if out.b is not None:
+    target = target + out.b.astype(jnp.float32)[targets]
+  return m + jnp.log(s) - target, arg
+
+
+def nll_and_prediction(out, targets: jax.Array, tile: int = 0) -> tuple[jax.Array, jax.Array]:
+  """(nll [B, n], argmax [B, n]) from logits [B, n, V], or from `Projected` in tiles of `tile`."""
+  if isinstance(out, Projected):
+    if tile <= 0:
+      logits = jnp.einsum("bnd,dv->bnv", out.features, out.w.astype(out.features.dtype))
+      if out.b is not None:
+        logits = logits + out.b.astype(logits.dtype)
+      if out.allowed is not None:
+        logits = jnp.where(out.allowed[:, None, :], logits, jnp.finfo(logits.dtype).min)
+      return token_nll(logits, targets), jnp.argmax(logits, -1)
+    return projected_nll(out, targets, tile)
+  return token_nll(out, targets), jnp.argmax(out, -1)
+
+
 def masked_nll(logits: jax.Array, targets: jax.Array, is_masked: jax.Array, weight: jax.Array,
                maskable: jax.Array) -> jax.Array:
   """Masked-diffusion ELBO loss (LLaDA pretraining and SFT in one formula).
@@ -48,35 +119,43 @@ def masked_nll(logits: jax.Array, targets: jax.Array, is_masked: jax.Array, weig
   maskable, trailing EOS included) gives LLaDA's per-row answer-length normalisation.
   logits: [B, L, V]; targets, is_masked, maskable: [B, L]; weight: [B].
   """
-  nll = token_nll(logits, targets) * is_masked
+  return masked_mean(token_nll(logits, targets), is_masked, weight, maskable)
+
+
+def masked_mean(nll: jax.Array, is_masked: jax.Array, weight: jax.Array, maskable: jax.Array) -> jax.Array:
+  """(1/B) sum_b [ sum_i [masked_bi] w_b nll_bi ] / n_b: `masked_nll` from per-token nll [B, L]."""
   n = jnp.maximum(jnp.sum(maskable, axis=-1), 1).astype(jnp.float32)
-  return jnp.mean(jnp.sum(nll, axis=-1) * weight / n)
+  return jnp.mean(jnp.sum(nll * is_masked, axis=-1) * weight / n)
 
 
 def diffusion_loss(logits_fn, key: jax.Array, x0: jax.Array, maskable: jax.Array, mask_id: int,
-                   schedule: MaskingSchedule, antithetic: bool = False, window: tuple[int, int] | None = None):
+                   schedule: MaskingSchedule, antithetic: bool = False, window: tuple[int, int] | None = None,
+                   vocab_tile: int = 0):
   """One Monte-Carlo draw of the ELBO loss: sample t, corrupt, predict, weight.
 
-  logits_fn: x_t [B, L] -> logits [B, L, V] (with `window=(start, n)`: logits [B, n, V] of
+  logits_fn: x_t [B, L] -> logits [B, L, V] or `Projected` (with `window=(start, n)`: of
   positions [start, start + n), which must hold every maskable position, e.g. the response
   span of prompt -> response pairs; the vocabulary projection then runs on n positions).
+  vocab_tile > 0 projects a `Projected` in tiles of that many tokens (`projected_nll`).
   Returns (loss, aux) with aux holding the masked-token accuracy and counts for logging.
   """
   key_t, key_m = jax.random.split(key)
   t = sample_times(key_t, x0.shape[0], antithetic)
   p_mask = schedule.mask_prob(t)
   xt, is_masked = forward_process(key_m, x0, p_mask, maskable, mask_id)
-  logits = logits_fn(xt)
+  out = logits_fn(xt)
   if window is not None:
     start, n = window
     x0, is_masked, maskable = (a[:, start:start + n] for a in (x0, is_masked, maskable))
-  loss = masked_nll(logits, x0, is_masked, schedule.weight(t), maskable)
-  correct = (jnp.argmax(logits, axis=-1) == x0) & is_masked
+  nll, pred = nll_and_prediction(out, x0, vocab_tile)
+  loss = masked_mean(nll, is_masked, schedule.weight(t), maskable)
+  correct = (pred == x0) & is_masked
   aux = {"masked_tokens": jnp.sum(is_masked), "correct": jnp.sum(correct)}
   return loss, aux
 
 
-def ar_loss(logits_fn, key: jax.Array, x0: jax.Array, maskable: jax.Array, window: tuple[int, int] | None = None):
+def ar_loss(logits_fn, key: jax.Array, x0: jax.Array, maskable: jax.Array, window: tuple[int, int] | None = None,
+            vocab_tile: int = 0):
   """Next-token cross-entropy for the autoregressive baseline (same transformer, causal mask).
 
   loss = (1/B) sum_b sum_i maskable_bi * (-log p(x_0^bi | x_0^{<i})) / n_b, on clean input;
@@ -84,14 +163,13 @@ def ar_loss(logits_fn, key: jax.Array, x0: jax.Array, maskable: jax.Array, windo
   Same normalisation as `masked_nll`; aux counts every maskable token as "masked".
   """
   del key
-  logits = logits_fn(x0)
+  out = logits_fn(x0)
   if window is not None:
     start, n = window
     x0, maskable = x0[:, start:start + n], maskable[:, start:start + n]
-  nll = token_nll(logits, x0) * maskable
-  n_b = jnp.maximum(jnp.sum(maskable, axis=-1), 1).astype(jnp.float32)
-  loss = jnp.mean(jnp.sum(nll, axis=-1) / n_b)
-  correct = (jnp.argmax(logits, axis=-1) == x0) & maskable
+  nll, pred = nll_and_prediction(out, x0, vocab_tile)
+  loss = masked_mean(nll, maskable, jnp.ones((x0.shape[0],), jnp.float32), maskable)
+  correct = (pred == x0) & maskable
   return loss, {"masked_tokens": jnp.sum(maskable), "correct": jnp.sum(correct)}
 
 

@@ -94,3 +94,16 @@ class Stopwatch:
         self.timing.seconds += time.perf_counter() - t0
     self.timing.calls += 1
     self.timing.compiles_in_timed += c["count"]
+
+
+def compiled_memory(lowered) -> dict:
+  """Bytes a compiled XLA program needs ({temp, arguments, outputs, total}) from a
+  `jax.stages.Lowered` (e.g. `jax.jit(f).lower(*args)`): the device-independent peak
+  estimate where the backend keeps no memory statistics (CPU)."""
+  m = lowered.compile().memory_analysis()
+  if m is None:
+    return {}
+  out = {"temp": int(m.temp_size_in_bytes), "arguments": int(m.argument_size_in_bytes),
+         "outputs": int(m.output_size_in_bytes)}
+  out["total"] = sum(out.values())
+  return out

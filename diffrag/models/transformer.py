@@ -36,6 +36,14 @@ _CHOICES = {
     "head": ("linear", "tied", "mlm"),
     "attention_impl": ("auto", "xla", "cudnn"),
 }
+# Rematerialisation of the scanned layer: what the backward pass keeps from the forward
+# ("none": everything, no recomputation; "full": nothing, each layer is recomputed).
+REMAT_POLICIES = {
+    "none": None,
+    "full": "nothing_saveable",
+    "dots_saveable": "dots_saveable",
+    "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
+}
 
 
 class ConfigError(ValueError):
@@ -60,6 +68,9 @@ class ModelConfig:
     and RoPE tables are always float32.
   attention_impl: "auto" (cuDNN flash attention on GPU for unmasked 16-bit attention,
     XLA otherwise), "xla" or "cudnn".
+  remat: rematerialisation of each scanned layer in the backward pass (`REMAT_POLICIES`:
+    "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"); not architecture:
+    the same weights load under any policy.
   """
 
   family: str
@@ -91,8 +102,11 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: str = "auto"
+  remat: str = "none"
 
   def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"remat policy {self.remat!r} does not exist; valid policies: {list(REMAT_POLICIES)}")
     for field, choices in _CHOICES.items():
       if getattr(self, field) not in choices:
         raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r}; expected one of {choices}")
@@ -335,6 +349,10 @@ class MaskedDiffusionTransformer(nn.Module):
   final norm) as `hidden` instead of the last layer after the final norm (-1).
   `hidden_offset=1` (with `output_window`) returns the states of positions [start - 1,
   start + n - 1): for a shifted-logit model, the states whose logits predict the window.
+  `return_features=True` returns, in place of the logits, the features f the output layer
+  projects (after BERT's MLM transform, already aligned for shifted logits), so that
+  logits = f @ W + b with (W, b) = `output_projection(config, params)`: a loss can then
+  project in vocabulary tiles, or onto a subset of the vocabulary, without [.., V] logits.
   """
 
   config: ModelConfig
@@ -343,7 +361,8 @@ class MaskedDiffusionTransformer(nn.Module):
   def __call__(self, input_ids: Array, *, attention_mask: Array | None = None,
                positions: Array | None = None, return_hidden: bool = False,
                cache: KVCache | None = None, return_cache: bool = False,
-               output_window: tuple[Any, int] | None = None, hidden_layer: int = -1, hidden_offset: int = 0):
+               output_window: tuple[Any, int] | None = None, hidden_layer: int = -1, hidden_offset: int = 0,
+               return_features: bool = False):
     cfg = self.config
     if not -1 <= hidden_layer < cfg.num_layers:
       raise ValueError(f"hidden_layer={hidden_layer}; expected -1 (last layer, after the final norm) "
@@ -376,7 +395,11 @@ class MaskedDiffusionTransformer(nn.Module):
       if cache is not None:
         keep = jnp.concatenate([cache.valid.astype(bool), keep], axis=1)
       mask = jnp.broadcast_to(keep[:, None, None, :], (batch, 1, length, keep.shape[1]))
-    layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+    block = Block
+    if REMAT_POLICIES[cfg.remat] is not None:
+      block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[cfg.remat]),
+                       static_argnums=(), prevent_cse=False)
+    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                      metadata_params={nn.PARTITION_NAME: "layers"})
     layer_cache = None if cache is None else (cache.k, cache.v)
@@ -388,33 +411,42 @@ class MaskedDiffusionTransformer(nn.Module):
     if output_window is not None:
       start, n = output_window
       hidden = jax.lax.dynamic_slice_in_dim(chosen, start - hidden_offset, n, axis=1)
-      # with shifted logits one extra position on the left feeds the shift below
-      x = jax.lax.dynamic_slice_in_dim(x, start - 1, n + 1, axis=1) if cfg.shift_logits else \
-          jax.lax.dynamic_slice_in_dim(x, start, n, axis=1)
+      # with shifted logits position start's prediction comes from position start - 1
+      x = jax.lax.dynamic_slice_in_dim(x, start - 1 if cfg.shift_logits else start, n, axis=1)
     else:
       hidden = chosen
-    if cfg.head == "linear":
+      if cfg.shift_logits:
+        x = jnp.concatenate([x[:, :1], x[:, :-1]], axis=1)
+    if cfg.head == "mlm":
+      x = nn.gelu(_dense(cfg, cfg.hidden_size, ("embed", None), True, "mlm_dense")(x), approximate=False)
+      x = Norm(cfg, name="mlm_norm")(x)
+    if return_features:
+      # what the output projection (`output_projection`) multiplies: [B, L or n, D]
+      logits = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    elif cfg.head == "linear":
       logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), False, "lm_head")(x)
     else:
-      if cfg.head == "mlm":
-        x = nn.gelu(_dense(cfg, cfg.hidden_size, ("embed", None), True, "mlm_dense")(x), approximate=False)
-        x = Norm(cfg, name="mlm_norm")(x)
       logits = embed.attend(x)
       if cfg.head == "mlm":
         bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                           (cfg.vocab_size,), cfg.weight_dtype)
         logits = logits + bias.astype(logits.dtype)
-    if cfg.shift_logits:
-      if output_window is not None:
-        logits = logits[:, :-1]
-      else:
-        logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
-    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    if not return_features:
+      logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     outputs = (logits, hidden) if return_hidden else (logits,)
     if return_cache:
       outputs = outputs + (KVCache(kv[0], kv[1], jnp.ones((batch, length), bool)
                                    if attention_mask is None else attention_mask.astype(bool)),)
     return outputs if len(outputs) > 1 else outputs[0]
+
+
+def output_projection(cfg: ModelConfig, params) -> tuple[Array, Array | None]:
+  """(W [D, V], b [V] or None) of the output layer: logits = features @ W + b (see
+  `MaskedDiffusionTransformer(..., return_features=True)`)."""
+  if cfg.head == "linear":
+    return params["lm_head"]["kernel"], None
+  w = params["embed"]["embedding"].T
+  return w, (params["mlm_bias"] if cfg.head == "mlm" else None)
 
 
 def positions_from_mask(attention_mask: Array) -> Array:

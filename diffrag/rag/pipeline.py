@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 import time
 import warnings
 from pathlib import Path
@@ -62,6 +63,8 @@ class RetrievalSpec:
   corpus: list = dataclasses.field(default_factory=lambda: ["dataset"])  # "dataset" or passage sources
   k: int = 5
   max_chars: int = 2000
+  chunk_words: int = 0            # > 0: passages are split into chunks of at most this many words (at
+                                  # sentence ends) and the chunks are what is retrieved
   cache_dir: str = "outputs/cache"
 
 
@@ -77,6 +80,8 @@ class ReaderSpec:
   batch_size: int = 16
   lr: float = 2.0e-4
   warmup_steps: int = 30
+  extractive: bool = True         # answer with words of the passages only (training softmax and decoding
+                                  # restricted to the prompt's tokens + EOS)
   bucket: int = 32                # prompts are bucketed by length in steps of this many tokens
   seed: int = 0
   store: str = "outputs/artefacts"
@@ -158,6 +163,29 @@ def sample(records, limit: int, seed: int):
   return [records[i] for i in keep]
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def chunk_passage(p: dict, words: int) -> list[dict]:
+  """Consecutive chunks of at most `words` words, cut at sentence ends (a longer sentence is cut
+  at `words`); ids `<id>#<k>`, the title kept. words <= 0: the passage itself."""
+  if words <= 0:
+    return [p]
+  pieces = []
+  for sent in _SENTENCE_END.split(p["text"]):
+    toks = sent.split()
+    pieces += [" ".join(toks[i:i + words]) for i in range(0, len(toks), words)]
+  chunks, cur = [], []
+  for piece in pieces:
+    if cur and len(" ".join(cur + [piece]).split()) > words:
+      chunks.append(" ".join(cur))
+      cur = []
+    cur.append(piece)
+  if cur:
+    chunks.append(" ".join(cur))
+  return [{"id": f"{p['id']}#{k}", "title": p.get("title", ""), "text": c} for k, c in enumerate(chunks)]
+
+
 def build_corpus(cfg: RagConfig, records):
   from diffrag.data import data_dir, read_passages  # pylint: disable=import-outside-toplevel
   from diffrag.retrieval import Corpus  # pylint: disable=import-outside-toplevel
@@ -165,7 +193,7 @@ def build_corpus(cfg: RagConfig, records):
   for source in cfg.retrieval.corpus:
     rows = [p for r in records for p in r["passages"]] if source == "dataset" else \
         read_passages(data_dir(cfg.data.data_dir), source)
-    for p in rows:
+    for p in (c for row in rows for c in chunk_passage(row, cfg.retrieval.chunk_words)):
       if p["id"] in docs and docs[p["id"]]["text"] != p["text"]:
         raise ValueError(f"passage id {p['id']!r} names two different texts in the corpus; ids must be unique")
       docs[p["id"]] = p
@@ -180,7 +208,8 @@ def retrieve(cfg: RagConfig, records, corpus, k: int | None = None) -> dict[str,
   from diffrag.retrieval import BM25Retriever, DenseRetriever, default_encoder  # pylint: disable=import-outside-toplevel
   k, cut = k or cfg.retrieval.k, cfg.retrieval.max_chars
   if cfg.retrieval.retriever == "gold":
-    return {r["id"]: [{"id": p["id"], "text": corpus_text(p)[:cut]} for p in r["passages"][:k]] for r in records}
+    chunks = lambda r: [c for p in r["passages"] for c in chunk_passage(p, cfg.retrieval.chunk_words)]
+    return {r["id"]: [{"id": p["id"], "text": corpus_text(p)[:cut]} for p in chunks(r)[:k]] for r in records}
   if cfg.retrieval.retriever == "bm25":
     retriever = BM25Retriever(corpus)
   elif cfg.retrieval.retriever == "dense":
@@ -214,9 +243,13 @@ def _training_prompts(cfg: RagConfig, train, tok, spec: PromptSpec):
   retrieved = retrieve(dataclasses.replace(cfg, retrieval=dataclasses.replace(cfg.retrieval, retriever="dense")),
                        train, corpus, k=n_dis + 1) if n_dis else {}
   g, cut = cfg.generation.gen_length, cfg.retrieval.max_chars
-  pairs, used, moved, missing = [], {}, 0, 0
+  pairs, used, moved, missing, split = [], {}, 0, 0, 0
   for r in train:
-    gold = {"id": r["passages"][0]["id"], "text": corpus_text(r["passages"][0])[:cut]}
+    chunks = [c for c in chunk_passage(r["passages"][0], cfg.retrieval.chunk_words) if answer_in(c["text"], r["answers"])]
+    if not chunks:
+      split += 1  # the answer crosses a chunk boundary: no chunk holds it (skipped, counted)
+      continue
+    gold = {"id": chunks[0]["id"], "text": corpus_text(chunks[0])[:cut]}
     others = [p for p in retrieved.get(r["id"], []) if p["id"] != gold["id"]][:n_dis]
     rank = int(hashlib.sha1(f"{cfg.reader.seed}:{r['id']}".encode()).hexdigest()[:8], 16) % (len(others) + 1)
     ctx = others[:rank] + [gold] + others[rank:]
@@ -232,18 +265,26 @@ def _training_prompts(cfg: RagConfig, train, tok, spec: PromptSpec):
     pairs.append((prompt, answer))
     used[r["id"]] = ctx[:kept]
   stats_ = {"questions": len(train), "pairs": len(pairs), "answers_longer_than_canvas_skipped": missing,
-            "gold_moved_first_to_fit": moved}
+            "answer_split_across_chunks_skipped": split, "gold_moved_first_to_fit": moved}
   return pairs, stats_, used
 
 
-def _minilm_reader(cfg: RagConfig, train, train_info: dict, spec: PromptSpec):
-  """Trains (or reuses, on an exact spec match) the MiniLM masked-diffusion reader.
+@dataclasses.dataclass
+class ReaderRequest:
+  """Everything that determines a MiniLM reader: `spec` (hashed into its artefact key), and the
+  training pairs, their counts, the passages each training prompt used and the train config."""
 
-  Returns (model, params, tokenizer, record for the manifest, training prompts used).
-  """
-  from diffrag.data.pipeline import PairBatches, prompt_buckets  # pylint: disable=import-outside-toplevel
-  from diffrag.models import from_pretrained, load_tokenizer, minilm_path  # pylint: disable=import-outside-toplevel
-  from diffrag.train.loop import LoopSpec, MeshSpec, ModelSpec, TrainConfig, run  # pylint: disable=import-outside-toplevel
+  spec: dict
+  pairs: list
+  pair_stats: dict
+  used: dict
+  train_config: object
+  tokenizer: object
+
+
+def reader_request(cfg: RagConfig, train, train_info: dict, spec: PromptSpec) -> ReaderRequest:
+  from diffrag.models import load_tokenizer, minilm_path  # pylint: disable=import-outside-toplevel
+  from diffrag.train.loop import LoopSpec, MeshSpec, ModelSpec, TrainConfig  # pylint: disable=import-outside-toplevel
   from diffrag.train.step import OptimConfig  # pylint: disable=import-outside-toplevel
   tok = load_tokenizer(minilm_path())
   if not train:
@@ -260,27 +301,42 @@ def _minilm_reader(cfg: RagConfig, train, train_info: dict, spec: PromptSpec):
   art_spec = {"recipe": RECIPE, "init": "all-MiniLM-L6-v2", "tokenizer": "all-MiniLM-L6-v2",
               "train_data": {k: train_info.get(k) for k in ("name", "file_fingerprint", "holdout_of")},
               "prompt": spec, "distractors": rd.distractors, "retriever": "dense", "max_chars": cfg.retrieval.max_chars,
-              "answer_canvas": g, "bucket": rd.bucket, "pairs": array_digest(flat), "n_pairs": len(pairs),
-              "optim": tcfg.optim, "train": tcfg.train}
+              "answer_canvas": g, "bucket": rd.bucket, "extractive": rd.extractive, "pairs": array_digest(flat),
+              "n_pairs": len(pairs), "optim": tcfg.optim, "train": tcfg.train}
+  return ReaderRequest(art_spec, pairs, pair_stats, used, tcfg, tok)
+
+
+def _minilm_reader(cfg: RagConfig, train, train_info: dict, spec: PromptSpec):
+  """Trains (or reuses, on an exact spec match) the MiniLM masked-diffusion reader.
+
+  Returns (model, params, tokenizer, record for the manifest, training prompts used).
+  """
+  from diffrag.data.pipeline import PairBatches, prompt_buckets  # pylint: disable=import-outside-toplevel
+  from diffrag.models import from_pretrained  # pylint: disable=import-outside-toplevel
+  from diffrag.train.loop import run  # pylint: disable=import-outside-toplevel
+  req = reader_request(cfg, train, train_info, spec)
+  g, rd, tok, tcfg = cfg.generation.gen_length, cfg.reader, req.tokenizer, req.train_config
   store = ArtefactStore(rd.store)
-  art = store.get("reader", art_spec)
+  art = store.get("reader", req.spec)
   reused = art.done
   if not reused:
-    batches = PairBatches(pairs, batch_size=rd.batch_size, seed=rd.seed,
+    batches = PairBatches(req.pairs, batch_size=rd.batch_size, seed=rd.seed,
                           buckets=prompt_buckets(spec.max_prompt_tokens, rd.bucket), response_len=g,
-                          pad_id=tok.pad_token_id, eos_id=tok.sep_token_id)
+                          pad_id=tok.pad_token_id, eos_id=tok.sep_token_id,
+                          allowed="prompt" if rd.extractive else None, vocab_size=len(tok))
     t0 = time.perf_counter()
     result = run(dataclasses.replace(tcfg, train=dataclasses.replace(tcfg.train, out_dir=str(art.path / "train"))),
                  batches=iter(batches.dataset()))
     last = result.history[-1] if result.history else {}
     store.finish(art, {"steps": rd.train_steps, "batch_size": rd.batch_size,
-                       "examples_seen": rd.train_steps * rd.batch_size, "pairs": len(pairs),
+                       "examples_seen": rd.train_steps * rd.batch_size, "pairs": len(req.pairs),
+                       "answers_not_in_prompt_skipped": batches.not_allowed,
                        "wall_seconds": round(time.perf_counter() - t0, 1), "final_loss": last.get("loss"),
-                       "final_masked_accuracy": last.get("masked_accuracy"), **pair_stats})
-    print(f"reader: MiniLM trained on {len(pairs)} {train_info.get('name')} questions for {rd.train_steps} steps "
-          f"(loss {last.get('loss', float('nan')):.3f})")
+                       "final_masked_accuracy": last.get("masked_accuracy"), **req.pair_stats})
+    print(f"reader: MiniLM trained on {len(req.pairs)} {train_info.get('name')} questions for {rd.train_steps} "
+          f"steps (loss {last.get('loss', float('nan')):.3f})")
   model, params = from_pretrained(art.path / "train" / "hf")
-  return model, params, tok, art.record(reused), used
+  return model, params, tok, art.record(reused), req.used
 
 
 def load_reader(cfg: RagConfig, train, train_info, spec: PromptSpec):
@@ -305,24 +361,31 @@ def _rule(gen: GenerationSpec, family: str) -> str:
 _CONFIDENCE = {"prob": T.low_confidence, "margin": T.topk_margin, "entropy": unit_entropy}
 
 
+def _prompt_tokens(view):
+  return view.extras["allowed_tokens"][:, None, :]
+
+
 @functools.lru_cache(maxsize=None)
-def make_transform(gen: GenerationSpec, rule: str, alpha: float | None, pooling: str) -> T.ScoreTransform:
-  """Baseline (alpha None) or SPREAD chain: candidates, confidence, [spread], commit.
+def make_transform(gen: GenerationSpec, rule: str, alpha: float | None, pooling: str,
+                   extractive: bool = False) -> T.ScoreTransform:
+  """Baseline (alpha None) or SPREAD chain: [extractive], candidates, confidence, [spread], commit.
 
   Built once per setting (cached), so every call with the same setting passes the same
   object to the jitted sampler and nothing recompiles. rule "llada": Gumbel-max candidates
   at the temperature, confidence from the clean logits, LLaDA's linear quota; "dream":
   logits / T, categorical (greedy at 0) candidates, confidence from the tempered logits
-  (maskgit_plus), Dream's timestep quota with `eps`.
+  (maskgit_plus), Dream's timestep quota with `eps`. extractive: only the tokens in
+  extras["allowed_tokens"] [B, V] (the prompt's words + EOS) can be committed.
   """
   conf = _CONFIDENCE.get(gen.confidence)
   if conf is None:
     raise ValueError(f"generation.confidence={gen.confidence!r}; expected one of {sorted(_CONFIDENCE)}")
+  parts = [T.allowed_tokens(_prompt_tokens)] if extractive else []
   if rule == "llada":
-    parts = [T.gumbel_max(gen.temperature, "float32") if gen.temperature > 0 else T.greedy(), conf()]
+    parts += [T.gumbel_max(gen.temperature, "float32") if gen.temperature > 0 else T.greedy(), conf()]
     quota = T.llada_quota
   else:
-    parts = [T.temperature(gen.temperature), T.categorical() if gen.temperature > 0 else T.greedy(), conf()]
+    parts += [T.temperature(gen.temperature), T.categorical() if gen.temperature > 0 else T.greedy(), conf()]
     quota = T.dream_quota(gen.eps)
   if alpha is not None:
     parts.append(spread(alpha, pooling))
@@ -382,8 +445,13 @@ def _norm_text(t: str) -> str:
   return " ".join(t.split())
 
 
-def leakage(train, train_prompts: dict, evals) -> dict:
-  """Counts of what an evaluated question shares with the reader's training data (0 when leak-free)."""
+def leakage(train, train_prompts: dict, evals, chunk_words: int = 0) -> dict:
+  """Counts of what an evaluated question shares with the reader's training data (0 when leak-free).
+
+  contexts_shared: evaluated questions whose gold passage (or one of its chunks) was in a
+  training prompt; answers_as_training_targets: ... whose gold answer was a training target
+  for the same context; answer_strings_shared_any_context: the same answer string was a
+  training target for any context (information: short answers such as years recur)."""
   if not train:
     return {"questions_shared": 0, "contexts_shared": 0, "groups_shared": 0, "answers_as_training_targets": 0,
             "answer_strings_shared_any_context": 0}
@@ -397,8 +465,9 @@ def leakage(train, train_prompts: dict, evals) -> dict:
   gold = lambda r: _norm_text(corpus_text(r["passages"][0])) if r["passages"] else None
   out = {
       "questions_shared": sum(r["id"] in t_ids or M.normalize_answer(r["question"]) in t_questions for r in evals),
-      "contexts_shared": sum(any(_norm_text(corpus_text(p)) in t_passages or _norm_text(p["text"]) in t_passages
-                                 for p in r["passages"]) for r in evals),
+      "contexts_shared": sum(any(_norm_text(corpus_text(c)) in t_passages or _norm_text(c["text"]) in t_passages
+                                 for p in r["passages"] for c in [p] + chunk_passage(p, chunk_words))
+                             for r in evals),
       "groups_shared": sum(r["group"] in t_groups for r in evals if r["group"] != r["id"]),
       "answers_as_training_targets": sum(any((gold(r), M.normalize_answer(a)) in t_targets for a in r["answers"])
                                          for r in evals),
@@ -469,7 +538,8 @@ def run_rag(cfg: RagConfig, progress: bool = True) -> dict:
     timings[info["name"]] = {m: sw[m].timing for m in sw}
     counts = {k: info[k] for k in ("records", "without_answers_skipped")}
     counts.update(eval=len(evals), train=len(train), corpus=len(corpus))
-    report[info["name"]] = {"info": info, "counts": counts, "leakage": leakage(train, train_prompts, evals),
+    report[info["name"]] = {"info": info, "counts": counts,
+                            "leakage": leakage(train, train_prompts, evals, cfg.retrieval.chunk_words),
                             "evals": evals, "passages": passages}
   summary = summarize(cfg, done, report, methods, timings, budget)
   write_manifest(out, config=cfg, data={n: r["info"] for n, r in report.items()} | (
@@ -486,7 +556,8 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
   spec, gen, mcfg = cfg.prompt, cfg.generation, model.config
   shift = 1 if cfg.spread.dream_hidden == "i_minus_1" else 0
   qrep = _query_fn(model, cfg.spread.hidden_layer, cfg.spread.pooling, shift)
-  transforms = {n: make_transform(gen, rule, a, cfg.spread.pooling) for n, a in methods}
+  extractive = cfg.reader.extractive and not cfg.reader.checkpoint
+  transforms = {n: make_transform(gen, rule, a, cfg.spread.pooling, extractive) for n, a in methods}
   watches = {n: Stopwatch() for n, _ in methods}
   bs = gen.batch_size
   gen_kw = dict(gen_length=gen.gen_length, steps=gen.steps, block_length=gen.block_length, stop_at_eos=gen.stop_at_eos,
@@ -504,6 +575,12 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
       q_tok = [tok(r["question"], add_special_tokens=False)["input_ids"][:QUERY_TOKENS] for r in rows]
       q_ids, q_mask = _left_pad(q_tok, QUERY_TOKENS, pad)
       extras = {"query_hidden": qrep(params, q_ids, q_mask)}
+      if extractive:
+        allowed = np.zeros((len(rows), mcfg.vocab_size), bool)
+        for i, b in enumerate(built):
+          allowed[i, b.ids] = True
+        allowed[:, eos] = True
+        extras["allowed_tokens"] = jnp.asarray(allowed)
       if cfg.spread.pooling == "max_token":
         extras["query_mask"] = jnp.asarray(q_mask)
       key = jax.random.key(gen.seed + start)

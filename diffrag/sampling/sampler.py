@@ -278,7 +278,8 @@ def _run_jit(params, canvas, attention_mask, key, extras, *, model, transform, s
 def generate(model, params, prompt, transform: ScoreTransform, key: Array, *, gen_length: int, steps: int,
              block_length: int | None = None, attention_mask=None, cache: str = "none",
              stop_at_eos: bool = False, max_steps_per_block: int | None = None, hidden_layer: int = -1,
-             hidden_offset: int = 0, extras: dict[str, Any] | None = None, mesh=None, rules=None) -> Sample:
+             hidden_offset: int = 0, extras: dict[str, Any] | None = None, mesh=None, rules=None,
+             _lower: bool = False) -> Sample:
   """Denoises [prompt | MASK * gen_length] with `transform` deciding every step.
 
   model: a MaskedDiffusionTransformer (any flax module with its call signature); params:
@@ -320,8 +321,9 @@ def generate(model, params, prompt, transform: ScoreTransform, key: Array, *, ge
   canvas = jnp.concatenate([jnp.asarray(prompt, jnp.int32), jnp.full((batch, gen_length), cfg.mask_token_id,
                                                                       jnp.int32)], axis=1)
   extras = {} if extras is None else dict(extras)
+  run = _run_jit.lower if _lower else _run_jit
   if mesh is None:
-    return _run_jit(params, canvas, attention_mask, key, extras, model=model, transform=transform, spec=spec)
+    return run(params, canvas, attention_mask, key, extras, model=model, transform=transform, spec=spec)
   from diffrag.parallel import mesh as mesh_lib
   rules = mesh_lib.DEFAULT_RULES if rules is None else rules
   with mesh_lib.activate(mesh, rules):
@@ -329,4 +331,10 @@ def generate(model, params, prompt, transform: ScoreTransform, key: Array, *, ge
     canvas = jax.device_put(canvas, sharding)
     if attention_mask is not None:
       attention_mask = jax.device_put(attention_mask, sharding)
-    return _run_jit(params, canvas, attention_mask, key, extras, model=model, transform=transform, spec=spec)
+    return run(params, canvas, attention_mask, key, extras, model=model, transform=transform, spec=spec)
+
+
+def lower(model, params, prompt, transform: ScoreTransform, key: Array, **kwargs):
+  """`generate`'s jitted function lowered for these arguments (same validation), e.g.
+  `lower(...).compile().memory_analysis()` for the memory one run needs."""
+  return generate(model, params, prompt, transform, key, _lower=True, **kwargs)

@@ -72,6 +72,8 @@ class LoopSpec:
   export: bool = True
   loss_window: list | None = None  # [start, length]: logits and loss on that span only (pairs); start < 0 counts from the end
   objective: str = "diffusion"     # diffusion (masked-NLL) | ar (next-token CE, causal model)
+  vocab_tile: int = 0              # > 0: cross-entropy over vocabulary tiles of this size (no [tokens, V] logits)
+  remat: str = "none"              # rematerialisation of each layer: none | full | dots_saveable | ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +133,8 @@ def compile_step(model: MaskedDiffusionTransformer, params: dict, cfg: TrainConf
 
   Returns (state, step(state, batch, key) -> (state, metrics), batch sharding).
   """
+  if cfg.train.remat != model.config.remat:  # a training setting, not architecture: same params
+    model = type(model)(model.config.replace(remat=cfg.train.remat))
   tx = step_lib.make_optimizer(cfg.optim, cfg.train.steps)
   key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2)
   with mesh_lib.activate(mesh, rules):
@@ -143,7 +147,8 @@ def compile_step(model: MaskedDiffusionTransformer, params: dict, cfg: TrainConf
                                      mask_id=model.config.mask_token_id,
                                      schedule=schedules.get(cfg.train.schedule, cfg.train.eps),
                                      micro_batches=cfg.train.micro_batches, antithetic=cfg.train.antithetic,
-                                     loss_window=window, objective=cfg.train.objective)
+                                     loss_window=window, objective=cfg.train.objective,
+                                     vocab_tile=cfg.train.vocab_tile)
   jitted = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, mesh_lib.replicated(mesh)),
                    out_shardings=(state_sharding, mesh_lib.replicated(mesh)), donate_argnums=0)
 

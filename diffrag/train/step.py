@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from diffrag.diffusion import schedule as schedules
-from diffrag.diffusion.objective import ar_loss, diffusion_loss
-from diffrag.models.transformer import positions_from_mask
+from diffrag.diffusion.objective import Projected, ar_loss, diffusion_loss
+from diffrag.models.transformer import output_projection, positions_from_mask
 
 # Kernels that LoRA adapts, with the number of input axes of each (after the layer axis).
 LORA_TARGETS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1, "wi": 1, "wo": 1}
@@ -127,20 +127,25 @@ def init_state(params: dict, tx: optax.GradientTransformation, cfg: OptimConfig,
 
 
 def model_apply_fn(model) -> Callable:
-  """apply_fn(params, tokens, window=None, attention_mask=None) -> logits for `make_train_step`:
-  the model's forward with `output_window=window`, the key-padding mask and positions that
-  count real tokens only (`positions_from_mask`)."""
+  """apply_fn(params, tokens, window=None, attention_mask=None, features=False) for
+  `make_train_step`: the model's forward with `output_window=window`, the key-padding mask
+  and positions that count real tokens only (`positions_from_mask`); logits, or with
+  features=True a `Projected` (features + the output projection: logits never built)."""
 
-  def apply_fn(params, tokens, window=None, attention_mask=None):
+  def apply_fn(params, tokens, window=None, attention_mask=None, features=False):
     positions = None if attention_mask is None else positions_from_mask(attention_mask)
-    return model.apply({"params": params}, tokens, output_window=window, attention_mask=attention_mask,
-                       positions=positions)
+    out = model.apply({"params": params}, tokens, output_window=window, attention_mask=attention_mask,
+                      positions=positions, return_features=features)
+    if not features:
+      return out
+    w, b = output_projection(model.config, params)
+    return Projected(out, w, b)
   return apply_fn
 
 
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim: OptimConfig, *, mask_id: int,
                     schedule: schedules.MaskingSchedule, micro_batches: int = 1, antithetic: bool = False,
-                    loss_window: tuple[int, int] | None = None, objective: str = "diffusion"):
+                    loss_window: tuple[int, int] | None = None, objective: str = "diffusion", vocab_tile: int = 0):
   """Returns step(state, batch, key) -> (state, metrics); jit it once.
 
   apply_fn(params, tokens [B, L], window=None, attention_mask=None) -> logits [B, L, V], or
@@ -149,22 +154,34 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
   so `(-n, n)` is the last n positions whatever the batch's length, e.g. the response of
   length-bucketed prompt -> response pairs). batch: {"tokens", "maskable"} and optionally
   "attention_mask" [B, L] (1 = real token: left padding is masked out as keys and
-  positions count real tokens only). objective: "diffusion"
+  positions count real tokens only) and "allowed_tokens" [B, V] bool (the loss normalises
+  over those tokens only: an extractive reader's passage words, the tokens of DocIDs).
+  vocab_tile > 0: the output layer is applied in vocabulary tiles inside the loss
+  (`objective.projected_nll`), so [tokens, V] logits never exist at once (apply_fn must
+  accept features=True, as `model_apply_fn`'s does). objective: "diffusion"
   (masked-NLL ELBO) or "ar" (next-token CE of a causal, shifted-logit model: the
   autoregressive baseline). The batch is split into
   `micro_batches` equal slices whose gradients are averaged (lax.scan), then one update.
   """
 
-  def loss_fn(trainable, frozen, tokens, maskable, attention_mask, key):
+  def loss_fn(trainable, frozen, tokens, maskable, attention_mask, allowed, key):
     params = model_params(trainable, frozen, optim)
     window = None
     if loss_window is not None:
       start, n = loss_window
       window = (start + tokens.shape[1] if start < 0 else start, n)
-    logits_fn = lambda xt: apply_fn(params, xt, window=window, attention_mask=attention_mask)
+
+    def logits_fn(xt):
+      if vocab_tile > 0:
+        return apply_fn(params, xt, window=window, attention_mask=attention_mask, features=True)._replace(
+            allowed=allowed)
+      logits = apply_fn(params, xt, window=window, attention_mask=attention_mask)
+      if allowed is None:
+        return logits
+      return jnp.where(allowed[:, None, :], logits, jnp.finfo(logits.dtype).min)
     if objective == "ar":
-      return ar_loss(logits_fn, key, tokens, maskable, window)
-    return diffusion_loss(logits_fn, key, tokens, maskable, mask_id, schedule, antithetic, window)
+      return ar_loss(logits_fn, key, tokens, maskable, window, vocab_tile)
+    return diffusion_loss(logits_fn, key, tokens, maskable, mask_id, schedule, antithetic, window, vocab_tile)
 
   if objective not in ("diffusion", "ar"):
     raise ValueError(f"objective={objective!r}; expected 'diffusion' or 'ar'")
@@ -172,12 +189,12 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
 
   def step(state: TrainState, batch: dict, key: jax.Array):
     tokens, maskable = batch["tokens"], batch["maskable"]
-    attention_mask = batch.get("attention_mask")
-    if attention_mask is None:
+    attention_mask, allowed = batch.get("attention_mask"), batch.get("allowed_tokens")
+    use_mask, use_allowed = attention_mask is not None, allowed is not None
+    if not use_mask:
       attention_mask = jnp.ones_like(tokens, jnp.int32)
-      use_mask = False
-    else:
-      use_mask = True
+    if not use_allowed:
+      allowed = jnp.ones((tokens.shape[0], 1), bool)
     b = tokens.shape[0]
     if b % micro_batches:
       raise ValueError(f"batch size {b} is not divisible by micro_batches={micro_batches}")
@@ -186,14 +203,15 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
 
     def accumulate(carry, xs):
       grads, loss, aux = carry
-      t, m, am, k = xs
-      (l, a), g = grad_fn(state.params, state.frozen, t, m, am if use_mask else None, k)
+      t, m, am, al, k = xs
+      (l, a), g = grad_fn(state.params, state.frozen, t, m, am if use_mask else None, al if use_allowed else None, k)
       return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l, jax.tree_util.tree_map(jnp.add, aux, a)), None
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     aux0 = {"masked_tokens": jnp.zeros((), jnp.int32), "correct": jnp.zeros((), jnp.int32)}
     (grads, loss, aux), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), aux0),
-                                         (split(tokens), split(maskable), split(attention_mask), keys))
+                                         (split(tokens), split(maskable), split(attention_mask), split(allowed),
+                                          keys))
     grads = jax.tree_util.tree_map(lambda g: g / micro_batches, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

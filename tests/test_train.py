@@ -108,7 +108,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
     run(cfg, progress=False)
 
 
-def test_two_process_run_agrees_with_single_process(tmp_path):
+def _two_processes(tmp_path, *mode):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -116,12 +116,32 @@ def test_two_process_run_agrees_with_single_process(tmp_path):
   env = {**os.environ, "PYTHONPATH": str(root)}
   env.pop("XLA_FLAGS", None)
   out = tmp_path / "loss.txt"
-  procs = [subprocess.Popen([sys.executable, str(root / "tests" / "distributed_worker.py"), str(port), str(i), str(out)],
-                            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, str(root / "tests" / "distributed_worker.py"), str(port), str(i), str(out),
+                             *mode], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(2)]
   logs = [p.communicate(timeout=240)[0].decode() for p in procs]
   assert all(p.returncode == 0 for p in procs), logs
+  return out
+
+
+def test_two_process_run_agrees_with_single_process(tmp_path):
+  out = _two_processes(tmp_path)
   loss_single, _ = one_step(devices=_cpu0())
   assert abs(float(out.read_text()) - loss_single) <= 1e-5
+
+
+def test_per_host_data_two_processes(tmp_path):
+  """data.per_host: each process reads disjoint records (its rows of the global batch), the
+  assembled global batch is the single-process one, and the loss agrees within 1e-5."""
+  import ast
+  from tests.train_fixtures import per_host_step
+  out = _two_processes(tmp_path, "per_host")
+  (loss0, rows0), (loss1, rows1) = (ast.literal_eval(out.with_suffix(f".txt.{i}").read_text()) for i in range(2))
+  loss_single, rows_single = per_host_step()
+  assert not set(rows0) & set(rows1) and rows0 + rows1 == rows_single
+  assert loss0 == loss1 and abs(loss0 - loss_single) <= 1e-5
+  with pytest.raises(ValueError, match="batch_size=8 is not divisible by the 3 processes"):
+    per_host_step(shard=(0, 3))
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -34,16 +34,38 @@ def _fit(ids: Sequence[int], seq_len: int, pad_id: int, long: str, what: str) ->
   return out
 
 
+def check_shard(batch_size: int, shard: tuple[int, int]) -> int:
+  """The per-process batch size of a global batch split over `shard = (index, count)` processes."""
+  index, count = shard
+  if not 0 <= index < count:
+    raise ValueError(f"process index {index} is outside [0, {count})")
+  if batch_size % count:
+    raise ValueError(f"data.per_host: the global batch train.batch_size={batch_size} is not divisible by the "
+                     f"{count} processes (each reads batch_size / processes rows); make batch_size a multiple of "
+                     f"{count}")
+  return batch_size // count
+
+
 def text_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int, eos_id: int,
-                 mode: str = "pack", long: str = "error", field: str = "text") -> grain.IterDataset:
+                 mode: str = "pack", long: str = "error", field: str = "text",
+                 shard: tuple[int, int] = (0, 1)) -> grain.IterDataset:
   """Pretraining batches from a text source: every position maskable (LLaDA pretraining).
 
   mode="pack": concatenate `text + EOS` and split into windows of seq_len;
   mode="pad": one record per row, padded with EOS (trained on, as LLaDA pads).
+  shard=(i, n): this process reads only its share and yields its batch_size / n rows of
+  each global batch. In pad mode those are exactly rows [i b, (i + 1) b) of the single-
+  process global batch (b = batch_size / n), so the global batch is the same whatever the
+  number of hosts; in pack mode each process packs the records i, i + n, ... of the
+  shuffled order (disjoint records, the global batch is a different but equally valid one).
   """
   tokenize = _tokenize_fn(tokenizer)
+  local = check_shard(batch_size, shard)
+  index, count = shard
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   if mode == "pack":
+    if count > 1:
+      ds = ds[index::count]
     ds = ds.map(lambda r: {"tokens": np.asarray(tokenize(decode(r)[field]) + [eos_id], np.int32)})
     it = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len})
     it = it.map(lambda r: {"tokens": r["tokens"].astype(np.int32)})
@@ -51,11 +73,13 @@ def text_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
     def pad(r):
       r = decode(r)
       return {"tokens": _fit(tokenize(r[field]), seq_len, eos_id, long, f"record {r.get('id', '?')!r}")}
+    if count > 1:  # local example j of batch k is global example k * batch_size + index * local + j
+      ds = grain.MapDataset.range(len(ds)).map(lambda i: ds[(i // local) * batch_size + index * local + i % local])
     it = ds.map(pad).to_iter_dataset()
   else:
     raise ValueError(f"data.mode={mode!r}; expected 'pack' or 'pad'")
   it = it.map(lambda r: {"tokens": r["tokens"], "maskable": np.ones_like(r["tokens"], bool)})
-  return it.batch(batch_size, drop_remainder=True)
+  return it.batch(local, drop_remainder=True)
 
 
 class PairBatches:
@@ -71,7 +95,9 @@ class PairBatches:
   dropped; the next epoch reshuffles), and the batch order is shuffled, all from
   `seed` and the epoch number: index -> batch is a pure function, so the Grain iterator's
   state (an index) resumes exactly. Prompts longer than the longest bucket raise, unless
-  `long="truncate"` (keeps the last tokens; counted in `truncated`).
+  `long="truncate"` (keeps the last tokens; counted in `truncated`). With
+  `shard=(i, n)` (one process of n), a process builds only its rows [i b, (i + 1) b) of
+  each global batch (b = batch_size / n): the global batch is the same on any number of hosts.
 
   `allowed` restricts the output vocabulary the loss normalises over (batch key
   "allowed_tokens" [B, V] bool): "prompt" = the tokens of each row's prompt plus EOS (an
@@ -82,7 +108,9 @@ class PairBatches:
 
   def __init__(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int, seed: int,
                buckets: Sequence[int], response_len: int, pad_id: int, eos_id: int, long: str = "error",
-               allowed: str | np.ndarray | None = None, vocab_size: int | None = None):
+               allowed: str | np.ndarray | None = None, vocab_size: int | None = None,
+               shard: tuple[int, int] = (0, 1)):
+    self.shard, self.local = shard, check_shard(batch_size, shard)
     if allowed is not None and vocab_size is None:
       raise ValueError("PairBatches(allowed=...) needs vocab_size")
     if isinstance(allowed, str) and allowed != "prompt":
@@ -148,8 +176,14 @@ class PairBatches:
       self._epochs = {epoch: [plan[j] for j in order]}  # keep one epoch's plan
     return self._epochs[epoch]
 
-  def batch(self, index: int) -> dict:
+  def rows(self, index: int) -> tuple[int, np.ndarray]:
+    """(bucket length, indices of the pairs in this process's rows of batch `index`)."""
     length, rows = self._plan(int(index) // self.per_epoch)[int(index) % self.per_epoch]
+    return length, rows[self.shard[0] * self.local:(self.shard[0] + 1) * self.local]
+
+  def batch(self, index: int) -> dict:
+    """Global batch `index`, or this process's rows of it (shard=(i, n): rows [i b, (i + 1) b))."""
+    length, rows = self.rows(index)
     g, n = self.response_len, len(rows)
     tokens = np.full((n, length + g), self.pad_id, np.int32)
     mask = np.zeros((n, length + g), np.int32)

@@ -43,12 +43,26 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 class Projected(NamedTuple):
   """Logits left unmaterialised: logits = features @ w + b, restricted to `allowed`.
 
-  features: [B, n, D]; w: [D, V]; b: [V] or None; allowed: [B, V] bool or None."""
+  features: [B, n, D]; w: [D, V]; b: [V] or None; allowed: [B, V] bool or None; ids: [S]
+  token ids, or None: the softmax runs over those S tokens only (w[:, ids]: the output
+  layer's cost scales with S, e.g. the tokens DocIDs use); targets must lie in ids."""
 
   features: jax.Array
   w: jax.Array
   b: jax.Array | None = None
   allowed: jax.Array | None = None
+  ids: jax.Array | None = None
+
+  def restricted(self, targets: jax.Array):
+    """(Projected over `ids`, targets as positions in ids, ids) or (self, targets, None)."""
+    if self.ids is None:
+      return self, targets, None
+    v = self.w.shape[1]
+    lookup = jnp.full((v,), -1, jnp.int32).at[self.ids].set(jnp.arange(self.ids.shape[0], dtype=jnp.int32))
+    sub = Projected(self.features, jnp.take(self.w, self.ids, axis=1),
+                    None if self.b is None else jnp.take(self.b, self.ids),
+                    None if self.allowed is None else jnp.take(self.allowed, self.ids, axis=1))
+    return sub, jnp.maximum(lookup[targets], 0), self.ids
 
 
 def projected_nll(out: Projected, targets: jax.Array, tile: int) -> tuple[jax.Array, jax.Array]:
@@ -98,6 +112,10 @@ def projected_nll(out: Projected, targets: jax.Array, tile: int) -> tuple[jax.Ar
 def nll_and_prediction(out, targets: jax.Array, tile: int = 0) -> tuple[jax.Array, jax.Array]:
   """(nll [B, n], argmax [B, n]) from logits [B, n, V], or from `Projected` in tiles of `tile`."""
   if isinstance(out, Projected):
+    out, targets, ids = out.restricted(targets)
+    if ids is not None:
+      nll, pred = nll_and_prediction(out, targets, tile)
+      return nll, ids[pred]
     if tile <= 0:
       logits = jnp.einsum("bnd,dv->bnv", out.features, out.w.astype(out.features.dtype))
       if out.b is not None:

@@ -68,16 +68,27 @@ def _rank_unique(doc_idx, scores):
   return sorted(best.items(), key=lambda x: -x[1])
 
 
+def _docid_vocab(view):
+  return view.extras["docid_vocab"][None, None, :]
+
+
 @functools.lru_cache(maxsize=None)
-def diffusion_chain(table: DocIDTable | None, temperature: float = 0.0) -> T.ScoreTransform:
+def diffusion_chain(table: DocIDTable | None, temperature: float = 0.0, vocab: bool = False) -> T.ScoreTransform:
   """greedy (or Gumbel at T) + low_confidence + top-k commits, wrapped in the DocID constraint
-  if a table is given. Cached: one chain object per (table, temperature), so the jitted
-  sampler compiles once and every later call reuses it."""
+  if a table is given; `vocab` (unconstrained decoding of a retriever trained on the DocID
+  vocabulary) keeps the tokens of extras["docid_vocab"] [V] only. Cached: one chain object
+  per setting, so the jitted sampler compiles once and every later call reuses it."""
   cand = T.gumbel_max(temperature, "float32") if temperature > 0 else T.greedy()
   inner = [cand, T.low_confidence(), T.commit_top_k()]
   if table is None:
-    return T.chain(*inner)
+    return T.chain(*([T.allowed_tokens(_docid_vocab)] if vocab else []), *inner)
   return T.chain(docid_allowed(table), *inner, docid_repair(table))
+
+
+def _extras(table: DocIDTable, constrained: bool, vocab) -> dict:
+  if constrained:
+    return {"docid_index": table.index}
+  return {} if vocab is None else {"docid_vocab": jnp.asarray(vocab)}
 
 
 def _batches(fn, prompts, mask, per: int, rows_per_query: int = 1):
@@ -105,11 +116,12 @@ def _batches(fn, prompts, mask, per: int, rows_per_query: int = 1):
 
 
 def t_step(model, params, prompts, mask, table: DocIDTable, steps: int, *, constrained: bool,
-           batch: int = 32) -> Decoded:
-  """One DocID per query from T = steps denoising steps."""
-  chain = diffusion_chain(table if constrained else None)
+           batch: int = 32, vocab=None) -> Decoded:
+  """One DocID per query from T = steps denoising steps. vocab: [V] bool, the output
+  vocabulary of a retriever trained on the DocID tokens only (applied when unconstrained)."""
+  chain = diffusion_chain(table if constrained else None, 0.0, vocab is not None and not constrained)
   lc = table.length
-  extras = {"docid_index": table.index} if constrained else {}
+  extras = _extras(table, constrained, vocab)
   run = lambda rows, rmask, start: generate(model, params, rows, chain, jax.random.key(start), gen_length=lc,
                                             steps=steps, attention_mask=rmask, extras=extras)
   outs, sw, timed = _batches(run, prompts, mask, batch)
@@ -124,12 +136,13 @@ def t_step(model, params, prompts, mask, table: DocIDTable, steps: int, *, const
 
 
 def pseudo_beam(model, params, prompts, mask, table: DocIDTable, samples: int, *, steps: int,
-                temperature: float = 1.0, constrained: bool = True, batch: int = 32, seed: int = 0) -> Decoded:
+                temperature: float = 1.0, constrained: bool = True, batch: int = 32, seed: int = 0,
+                vocab=None) -> Decoded:
   """B samples per query, deduplicated, ranked by commit-time log-prob."""
-  chain = diffusion_chain(table if constrained else None, temperature)
+  chain = diffusion_chain(table if constrained else None, temperature, vocab is not None and not constrained)
   lc = table.length
   per = max(1, batch // samples)
-  extras = {"docid_index": table.index} if constrained else {}
+  extras = _extras(table, constrained, vocab)
   run = lambda rows, rmask, start: generate(model, params, rows, chain, jax.random.key(seed + start), gen_length=lc,
                                             steps=steps, attention_mask=rmask, extras=extras)
   outs, sw, timed = _batches(run, prompts, mask, per, rows_per_query=samples)

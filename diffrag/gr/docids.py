@@ -58,6 +58,13 @@ class DocIDTable:
   def _lookup(self) -> dict[tuple[int, ...], int]:
     return {tuple(r): i for i, r in enumerate(self.codes.tolist())}
 
+  def vocab(self, vocab_size: int) -> np.ndarray:
+    """[vocab_size] bool: the tokens some DocID uses (the output vocabulary of a retriever
+    trained with `train.docid_vocab`)."""
+    out = np.zeros(vocab_size, bool)
+    out[np.unique(self.codes)] = True
+    return out
+
   def decode(self, canvases) -> np.ndarray:
     """[M, Lc] generated canvases -> [M] document index, -1 where the canvas is no DocID."""
     table = self._lookup

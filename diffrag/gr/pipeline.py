@@ -86,6 +86,8 @@ class GRTrain:
   index_with_title: bool = False   # put the title in the indexing input (a copy task for title DocIDs)
   pseudo_queries: int = 0          # sentences of each document used as pseudo-queries (0 = none)
   query_repeat: int = 2            # query -> DocID pairs are repeated this many times in the mix
+  docid_vocab: bool = False        # softmax over the tokens DocIDs use only (the output layer's cost falls
+                                   # with it); decoding is restricted to them too
   ar_steps: int | None = None      # autoregressive twin: None = the same steps as diffusion, 0 = skip
   seed: int = 0
   store: str = "outputs/artefacts"
@@ -213,7 +215,8 @@ def training_pairs(cfg: GRConfig, tok, corpus, queries, train_qrels, table: DocI
 # ---------------------------------------------------------------------------- training
 
 
-def _train(cfg: GRConfig, model, params, tok, pairs, table: DocIDTable, *, objective: str, steps: int, spec: dict):
+def _train(cfg: GRConfig, model, params, tok, pairs, table: DocIDTable, *, objective: str, steps: int, spec: dict,
+           output_ids=None):
   """Trains (or reuses on an exact spec match) one retriever; returns (model, params, artefact record)."""
   from diffrag.data.pipeline import PairBatches, prompt_buckets  # pylint: disable=import-outside-toplevel
   from diffrag.models import from_pretrained  # pylint: disable=import-outside-toplevel
@@ -236,7 +239,7 @@ def _train(cfg: GRConfig, model, params, tok, pairs, table: DocIDTable, *, objec
                           pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos, eos_id=eos)
     t0 = time.perf_counter()
     result = run(dataclasses.replace(tcfg, train=dataclasses.replace(tcfg.train, out_dir=str(art.path / "train"))),
-                 batches=iter(batches.dataset()), initial=(model, params, tok))
+                 batches=iter(batches.dataset()), initial=(model, params, tok), output_ids=output_ids)
     last = result.history[-1] if result.history else {}
     store.finish(art, {"steps": steps, "batch_size": tr.batch_size, "examples_seen": steps * tr.batch_size,
                        "pairs": len(pairs), "wall_seconds": round(time.perf_counter() - t0, 1),
@@ -329,10 +332,13 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
           "docids": dataclasses.asdict(cfg.docids), "table": array_digest(table.codes),
           "index_with_title": cfg.train.index_with_title, "pseudo_queries": cfg.train.pseudo_queries,
           "query_repeat": cfg.train.query_repeat, "query_tokens": cfg.train.query_tokens,
+          "docid_vocab": cfg.train.docid_vocab,
           "pairs": array_digest(flat), "n_pairs": len(pairs)}
+  vocab = table.vocab(model.config.vocab_size) if cfg.train.docid_vocab else None
+  output_ids = None if vocab is None else np.flatnonzero(vocab).astype(np.int32)
   t0 = time.perf_counter()
   dm, dparams, d_record = _train(cfg, model, params, tok, pairs, table, objective="diffusion",
-                                 steps=cfg.train.steps, spec=spec)
+                                 steps=cfg.train.steps, spec=spec, output_ids=output_ids)
   walls["train_diffusion"] = time.perf_counter() - t0
   pad = tok.pad_token_id if tok.pad_token_id is not None else 0
   q_ids, q_mask = left_pad([_tokens(tok, queries[q], cfg.train.query_tokens) for q in eval_ids],
@@ -389,7 +395,7 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   t0 = time.perf_counter()
   for t in sorted({min(int(t), lc) for t in cfg.decode.steps}):
     for constrained in [c for c, on in ((True, cfg.decode.constrained), (False, cfg.decode.unconstrained)) if on]:
-      dec = D.t_step(dm, dparams, q_ids, q_mask, table, t, constrained=constrained, batch=bs)
+      dec = D.t_step(dm, dparams, q_ids, q_mask, table, t, constrained=constrained, batch=bs, vocab=vocab)
       r = record(f"diffusion_T{t}{'_constrained' if constrained else ''}", fam, t, dec, train_rec=d_record)
       curves.append((t, constrained, r["recall@1"], r["ms_per_query"], r["forward_passes"]))
   if cfg.decode.pseudo_beam:
@@ -414,7 +420,8 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   if ar_steps:
     t0 = time.perf_counter()
     ar_model = type(model)(model.config.replace(causal=True, shift_logits=True))
-    am, aparams, a_record = _train(cfg, ar_model, params, tok, pairs, table, objective="ar", steps=ar_steps, spec=spec)
+    am, aparams, a_record = _train(cfg, ar_model, params, tok, pairs, table, objective="ar", steps=ar_steps,
+                                   spec=spec, output_ids=output_ids)
     walls["train_ar"] = time.perf_counter() - t0
     records_used.append(a_record)
     b = max(cfg.decode.beam, 1)

@@ -3,9 +3,10 @@
     cfg = config.load(TrainConfig, "configs/minilm_corpus.yaml", ["train.steps=200"])
     result = run(cfg)
 
-Checkpoints (`<out_dir>/checkpoints/<step>/`) hold the train state and the data
-iterator's state; re-running the same command resumes from the latest one and sees
-exactly the batches an uninterrupted run would have seen (per-step keys are
+Checkpoints (`<out_dir>/checkpoints/<step>/`) hold the train state, and
+`<out_dir>/data_state/<step>/process_<i>.json` each process's data iterator state (with
+per-host data every process reads different records); re-running the same command resumes
+from the latest one and sees exactly the batches an uninterrupted run would have seen (per-step keys are
 `fold_in(seed_key, step)`). A non-finite loss stops the run with a clear message before
 anything is saved, so the last checkpoint stays good.
 """
@@ -54,6 +55,7 @@ class DataSpec:
   long: str = "error"  # error | truncate (pad mode)
   data_dir: str | None = None
   cache_dir: str = "outputs/cache/tfds"
+  per_host: bool = False  # multi-host: each process reads only its share of the records (its rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +127,16 @@ def corpus_batches(cfg: TrainConfig, tokenizer, model_cfg: ModelConfig):
   src = passage_source(data_dir(cfg.data.data_dir), cfg.data.sources, cfg.data.cache_dir)
   eos = model_cfg.eos_token_id if model_cfg.eos_token_id is not None else tokenizer.sep_token_id
   return iter(text_dataset(src, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
-                           seed=cfg.train.seed, eos_id=eos, mode=cfg.data.mode, long=cfg.data.long))
+                           seed=cfg.train.seed, eos_id=eos, mode=cfg.data.mode, long=cfg.data.long,
+                           shard=host_shard(cfg)))
 
 
-def compile_step(model: MaskedDiffusionTransformer, params: dict, cfg: TrainConfig, mesh, rules):
+def host_shard(cfg: TrainConfig) -> tuple[int, int]:
+  """(process index, process count) when each host reads its own share (data.per_host), else (0, 1)."""
+  return (jax.process_index(), jax.process_count()) if cfg.data.per_host else (0, 1)
+
+
+def compile_step(model: MaskedDiffusionTransformer, params: dict, cfg: TrainConfig, mesh, rules, output_ids=None):
   """Places params on `mesh`, builds the train state there and jits the step once.
 
   Returns (state, step(state, batch, key) -> (state, metrics), batch sharding).
@@ -148,7 +156,7 @@ def compile_step(model: MaskedDiffusionTransformer, params: dict, cfg: TrainConf
                                      schedule=schedules.get(cfg.train.schedule, cfg.train.eps),
                                      micro_batches=cfg.train.micro_batches, antithetic=cfg.train.antithetic,
                                      loss_window=window, objective=cfg.train.objective,
-                                     vocab_tile=cfg.train.vocab_tile)
+                                     vocab_tile=cfg.train.vocab_tile, output_ids=output_ids)
   jitted = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, mesh_lib.replicated(mesh)),
                    out_shardings=(state_sharding, mesh_lib.replicated(mesh)), donate_argnums=0)
 
@@ -159,9 +167,31 @@ def compile_step(model: MaskedDiffusionTransformer, params: dict, cfg: TrainConf
   return state, step, batch_sharding
 
 
-def _global_batch(batch: dict, sharding) -> dict:
-  """Host batch (identical on every process) -> global arrays laid out by `sharding`."""
+def _global_batch(batch: dict, sharding, per_host: bool = False) -> dict:
+  """Host batch -> global arrays laid out by `sharding`: the whole global batch, identical on
+  every process, or (per_host) this process's rows of it, assembled across processes."""
+  if per_host:
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
   return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
+
+
+def _data_state_file(out: Path, step: int) -> Path:
+  return out / "data_state" / str(step) / f"process_{jax.process_index()}.json"
+
+
+def _save_data_state(out: Path, step: int, data, keep: set[int]) -> None:
+  """This process's iterator state at `step` (per process: with per-host data they differ)."""
+  if not hasattr(data, "get_state"):
+    return
+  path = _data_state_file(out, step)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(_to_json(data.get_state())))
+  tmp.rename(path)
+  for old in (out / "data_state").iterdir():
+    if old.name.isdigit() and int(old.name) not in keep:
+      for f in old.glob("*.json"):
+        f.unlink(missing_ok=True)
 
 
 @dataclasses.dataclass
@@ -174,21 +204,23 @@ class TrainResult:
 
 
 def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: int | None = None,
-        progress: bool = True, initial: tuple | None = None) -> TrainResult:
+        progress: bool = True, initial: tuple | None = None, output_ids=None) -> TrainResult:
   """Trains (or resumes) per `cfg`. `batches` replaces the configured data (tests, pairs);
   `stop_after` ends the run early at that step, as a kill would (after its checkpoint);
   `initial=(model, params, tokenizer)` starts from those instead of `cfg.model` (e.g. a
-  model whose vocabulary was extended with DocID tokens)."""
+  model whose vocabulary was extended with DocID tokens); `output_ids` restricts the output
+  softmax to those token ids (`make_train_step`)."""
   out = Path(cfg.train.out_dir).resolve()  # Orbax needs absolute paths
   out.mkdir(parents=True, exist_ok=True)
   root_key = jax.random.key(cfg.train.seed)
   model, params, tokenizer = initial if initial is not None else \
       build_model(cfg.model, jax.random.fold_in(root_key, 1))
   data = batches if batches is not None else corpus_batches(cfg, tokenizer, model.config)
+  per_host = cfg.data.per_host and jax.process_count() > 1
 
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
   rules = mesh_lib.rules_from_config(cfg.mesh.rules)
-  state, jitted, batch_sharding = compile_step(model, params, cfg, mesh, rules)
+  state, jitted, batch_sharding = compile_step(model, params, cfg, mesh, rules, output_ids)
   del params
   manager = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(
       max_to_keep=cfg.train.keep, save_interval_steps=1, create=True))
@@ -196,11 +228,11 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
   if manager.latest_step() is not None:
     start = manager.latest_step()
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    restored = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                              data=ocp.args.JsonRestore()))
+    restored = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     state = restored["state"]
-    if hasattr(data, "set_state") and restored["data"]:
-      data.set_state(_from_json(restored["data"]))
+    saved = _data_state_file(out, start)
+    if hasattr(data, "set_state") and saved.exists():
+      data.set_state(_from_json(json.loads(saved.read_text())))
     else:  # a plain iterator: replay the batches the checkpointed steps consumed
       for _ in range(start):
         next(data)
@@ -214,7 +246,7 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
   tokens_done, t_last = 0, time.perf_counter()
   for step in range(start, end):
     host_batch = next(data)
-    batch = _global_batch({k: np.asarray(v) for k, v in host_batch.items()}, batch_sharding)
+    batch = _global_batch({k: np.asarray(v) for k, v in host_batch.items()}, batch_sharding, per_host)
     state, metrics = jitted(state, batch, jax.random.fold_in(root_key, step))
     loss = float(metrics["loss"])
     if not (math.isfinite(loss) and bool(metrics["params_finite"])):
@@ -224,7 +256,7 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
           f"loss became {loss} (updated params finite: {bool(metrics['params_finite'])}) at step {step + 1}; nothing was saved after it. The last good checkpoint is "
           f"{'step ' + str(last) if last is not None else 'none'} in {out / 'checkpoints'}. Lower optim.lr, "
           "raise optim.warmup_steps or check the data, then re-run to resume.")
-    tokens_done += host_batch["tokens"].size
+    tokens_done += batch["tokens"].size  # the global batch
     bar.update(1)
     if (step + 1) % cfg.train.log_every == 0 or step + 1 == end:
       now = time.perf_counter()
@@ -238,9 +270,8 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
         with metrics_file.open("a") as f:
           f.write(json.dumps(row) + "\n")
     if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
-      data_state = data.get_state() if hasattr(data, "get_state") else {}
-      manager.save(step + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     data=ocp.args.JsonSave(_to_json(data_state))))
+      manager.save(step + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+      _save_data_state(out, step + 1, data, set(manager.all_steps()) | {step + 1})
   bar.close()
   manager.wait_until_finished()
   manager.close()

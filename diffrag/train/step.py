@@ -145,7 +145,8 @@ def model_apply_fn(model) -> Callable:
 
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim: OptimConfig, *, mask_id: int,
                     schedule: schedules.MaskingSchedule, micro_batches: int = 1, antithetic: bool = False,
-                    loss_window: tuple[int, int] | None = None, objective: str = "diffusion", vocab_tile: int = 0):
+                    loss_window: tuple[int, int] | None = None, objective: str = "diffusion", vocab_tile: int = 0,
+                    output_ids=None):
   """Returns step(state, batch, key) -> (state, metrics); jit it once.
 
   apply_fn(params, tokens [B, L], window=None, attention_mask=None) -> logits [B, L, V], or
@@ -158,7 +159,8 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
   over those tokens only: an extractive reader's passage words, the tokens of DocIDs).
   vocab_tile > 0: the output layer is applied in vocabulary tiles inside the loss
   (`objective.projected_nll`), so [tokens, V] logits never exist at once (apply_fn must
-  accept features=True, as `model_apply_fn`'s does). objective: "diffusion"
+  accept features=True, as `model_apply_fn`'s does). output_ids: [S] token ids: the
+  softmax, and the output layer's cost, cover those tokens only (every target must be one). objective: "diffusion"
   (masked-NLL ELBO) or "ar" (next-token CE of a causal, shifted-logit model: the
   autoregressive baseline). The batch is split into
   `micro_batches` equal slices whose gradients are averaged (lax.scan), then one update.
@@ -172,9 +174,9 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
       window = (start + tokens.shape[1] if start < 0 else start, n)
 
     def logits_fn(xt):
-      if vocab_tile > 0:
+      if vocab_tile > 0 or output_ids is not None:
         return apply_fn(params, xt, window=window, attention_mask=attention_mask, features=True)._replace(
-            allowed=allowed)
+            allowed=allowed, ids=None if output_ids is None else jnp.asarray(output_ids, jnp.int32))
       logits = apply_fn(params, xt, window=window, attention_mask=attention_mask)
       if allowed is None:
         return logits

@@ -39,22 +39,23 @@ def _perturb(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.
   return model.eval()
 
 
-def llama_reference(layers=2, hidden=64, heads=4, kv_heads=4, mlp=160, seed=0):
+def llama_reference(layers=2, hidden=64, heads=4, kv_heads=4, mlp=160, seed=0, tie=False, rope_scaling=None):
   from transformers import LlamaConfig, LlamaForCausalLM
   cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
                     num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-5,
-                    rope_theta=500000.0, max_position_embeddings=512, tie_word_embeddings=False,
-                    attention_bias=False, attn_implementation="eager")
+                    rope_theta=500000.0, max_position_embeddings=512, tie_word_embeddings=tie,
+                    attention_bias=False, attn_implementation="eager", rope_scaling=rope_scaling,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
   torch.manual_seed(seed)
   return _perturb(LlamaForCausalLM(cfg), seed)
 
 
-def qwen2_reference(layers=2, hidden=64, heads=4, kv_heads=2, mlp=160, seed=0):
+def qwen2_reference(layers=2, hidden=64, heads=4, kv_heads=2, mlp=160, seed=0, tie=False):
   from transformers import Qwen2Config, Qwen2ForCausalLM
   cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
                     num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-6,
-                    rope_theta=1e6, max_position_embeddings=512, tie_word_embeddings=False,
-                    attn_implementation="eager")
+                    rope_theta=1e6, max_position_embeddings=512, tie_word_embeddings=tie,
+                    attn_implementation="eager", bos_token_id=1, eos_token_id=2, pad_token_id=0)
   torch.manual_seed(seed)
   return _perturb(Qwen2ForCausalLM(cfg), seed)
 
@@ -143,3 +144,10 @@ def bidirectional_logits(ref, ids: np.ndarray, hidden: bool = False):
     h = ref.model(input_ids=ids_t, attention_mask=mask).last_hidden_state
     logits = ref.lm_head(h)
   return (logits.numpy(), h.numpy()) if hidden else logits.numpy()
+
+
+def causal_checkpoint(path: Path, family: str = "llama", **kw):
+  """(checkpoint dir, reference model) of a tiny causal LM saved by `transformers` itself."""
+  ref = (llama_reference if family == "llama" else qwen2_reference)(**kw)
+  ref.save_pretrained(path, safe_serialization=True)
+  return path, ref

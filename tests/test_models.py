@@ -53,6 +53,40 @@ def test_dream_matches_bidirectional_qwen2_with_shift(tmp_path):
   assert np.abs(np.asarray(hidden) - ref_hidden).max() <= TOL
 
 
+@pytest.mark.parametrize("family,tie,scaling", [
+    ("llama", False, None), ("llama", True, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    ("qwen2", True, None), ("qwen2", False, None)])
+def test_causal_families_match_transformers(tmp_path, family, tie, scaling):
+  """Llama (GQA, Llama-3 rope scaling, tied or untied head) and Qwen2 (q/k/v biases) against
+  LlamaForCausalLM / Qwen2ForCausalLM: causal logits, HF's convention (logits[:, i] predicts
+  i + 1), also with left padding; export and reload round-trip."""
+  kw = {"tie": tie} | ({"rope_scaling": scaling} if scaling else {}) | ({"kv_heads": 2} if family == "llama" else {})
+  path, ref = hf.causal_checkpoint(tmp_path / "ckpt", family, **kw)
+  model, params = from_pretrained(path)
+  assert model.config.family == family and model.config.causal and not model.config.shift_logits
+  assert model.config.head == ("tied" if tie else "linear") and model.config.mask_token_id == -1
+  ids = np.random.default_rng(0).integers(3, hf.VOCAB, (2, 12))
+  with torch.no_grad():
+    want = ref(torch.tensor(ids)).logits.numpy()
+  got = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+  assert np.max(np.abs(got - want)) < 1e-4
+  mask = np.ones_like(ids)
+  mask[1, :4] = 0  # left padding: positions count real tokens, padded keys are masked
+  with torch.no_grad():
+    want = ref(torch.tensor(ids), attention_mask=torch.tensor(mask),
+               position_ids=torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0))).logits.numpy()
+  from diffrag.models import positions_from_mask
+  got = np.asarray(model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                               positions=positions_from_mask(jnp.asarray(mask))))
+  assert np.max(np.abs(got - want)[mask == 1]) < 1e-4
+  save_pretrained(model.config, params, tmp_path / "export")
+  again, p2 = from_pretrained(tmp_path / "export")
+  assert again.config == model.config
+  np.testing.assert_allclose(np.asarray(again.apply({"params": p2}, jnp.asarray(ids))),
+                             np.asarray(model.apply({"params": params}, jnp.asarray(ids))), atol=1e-6)
+
+
 def test_bert_matches_transformers(tmp_path):
   path, ref = hf.bert_checkpoint(tmp_path / "bert")
   model, params = from_pretrained(path)

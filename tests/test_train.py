@@ -89,6 +89,10 @@ def test_loss_decreases_on_a_small_corpus(tmp_path):
   result = run(cfg, progress=False)
   losses = [r["loss"] for r in result.history]
   assert np.mean(losses[-15:]) < 0.6 * np.mean(losses[:5]), (losses[:5], losses[-15:])
+  # observability: the step time split and TensorBoard event files beside metrics.jsonl
+  row = result.history[-1]
+  assert {"step_data_s", "step_compute_s", "step_checkpoint_s", "tokens_per_s", "lr", "grad_norm"} <= set(row)
+  assert row["step_compute_s"] > 0 and list((result.out_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_lora_trains_only_adapters(tmp_path):

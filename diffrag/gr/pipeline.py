@@ -88,6 +88,8 @@ class GRTrain:
   query_repeat: int = 2            # query -> DocID pairs are repeated this many times in the mix
   docid_vocab: bool = False        # softmax over the tokens DocIDs use only (the output layer's cost falls
                                    # with it); decoding is restricted to them too
+  vocab_tile: int = 0              # > 0: cross-entropy in vocabulary tiles (no [tokens, V] logits; 7B vocabularies)
+  remat: str = "none"              # rematerialisation policy of each layer (none | full | dots_saveable | ...)
   ar_steps: int | None = None      # autoregressive twin: None = the same steps as diffusion, 0 = skip
   seed: int = 0
   store: str = "outputs/artefacts"
@@ -227,7 +229,7 @@ def _train(cfg: GRConfig, model, params, tok, pairs, table: DocIDTable, *, objec
                                        b2=0.98, lora_rank=cfg.model.lora_rank),
                      train=LoopSpec(steps=steps, batch_size=tr.batch_size, seed=tr.seed, log_every=25,
                                     checkpoint_every=max(50, steps // 6), export=True, loss_window=[-lc, lc],
-                                    objective=objective),
+                                    objective=objective, vocab_tile=tr.vocab_tile, remat=tr.remat),
                      mesh=MeshSpec(data=1))
   store = ArtefactStore(tr.store)
   art = store.get(f"{objective}_retriever", {**spec, "objective": objective, "optim": tcfg.optim, "train": tcfg.train})

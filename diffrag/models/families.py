@@ -7,6 +7,8 @@ Each family knows three things about its published checkpoints:
 
 LLaDA  (model_type "llada"): Llama-like, mask id 126336, logits at the same position.
 Dream  (model_type "Dream"): Qwen2-like, GQA, q/k/v biases, logits shifted by one.
+Llama  (model_type "llama") and Qwen2 ("qwen2"): causal LMs (the AR baselines), HF's
+                             convention: logits[:, i] predicts token i + 1; no mask token.
 BERT   (model_type "bert"):  post-LN encoder + MLM head tied to the word embeddings; its
                              [MASK] is the absorbing token (the CPU demo model).
 """
@@ -171,7 +173,8 @@ def _dream_to_hf(cfg: ModelConfig) -> dict:
   }
 
 
-def _dream_specs(cfg: ModelConfig, present: frozenset) -> list[TensorSpec]:
+def _hf_decoder_specs(cfg: ModelConfig, present: frozenset) -> list[TensorSpec]:
+  """Tensor names of Hugging Face Llama / Qwen2 decoders (Dream uses Qwen2's names)."""
   del present
   p = "model.layers.{i}."
   layer = [
@@ -184,12 +187,94 @@ def _dream_specs(cfg: ModelConfig, present: frozenset) -> list[TensorSpec]:
   ]
   for n in "qkv":
     layer.append((p + f"self_attn.{n}_proj.weight", ("attn", n, "kernel"), 1))
-    layer.append((p + f"self_attn.{n}_proj.bias", ("attn", n, "bias"), None))
+    if cfg.qkv_bias:
+      layer.append((p + f"self_attn.{n}_proj.bias", ("attn", n, "bias"), None))
   specs = [TensorSpec("model.embed_tokens.weight", ("embed", "embedding")),
            TensorSpec("model.norm.weight", ("final_norm", "scale"))]
   if cfg.head == "linear":
     specs.append(TensorSpec("lm_head.weight", ("lm_head", "kernel"), None, 1))
   return specs + _layer_specs(cfg, layer)
+
+
+# ----------------------------------------------------------------- Llama and Qwen2 (AR)
+# Causal LMs from Hugging Face: logits[:, i] predicts token i + 1, as in `transformers`
+# (no re-alignment, unlike Dream), so the autoregressive baselines of both papers (Llama-3,
+# Qwen2.5) load as they were published. They have no mask token (mask_token_id = -1).
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rope_params(hf: dict) -> dict:
+  """RoPE settings of a config.json: `rope_theta` + `rope_scaling` (transformers 4), or one
+  `rope_parameters` dict (transformers 5)."""
+  params = dict(hf.get("rope_parameters") or {})
+  params.update(hf.get("rope_scaling") or {})
+  if hf.get("rope_theta") is not None:
+    params["rope_theta"] = hf["rope_theta"]
+  return params
+
+
+def _rope_scaling(hf: dict):
+  """config.json rope scaling -> ModelConfig.rope_scaling (a hashable tuple) or None."""
+  rs = _rope_params(hf)
+  if not rs or rs.get("rope_type", rs.get("type", "default")) == "default":
+    return None
+  kind = rs.get("rope_type", rs.get("type"))
+  if kind not in ROPE_TYPES:
+    raise ConfigError(f"config.json rope_scaling type {kind!r} is not supported; expected one of {list(ROPE_TYPES)}")
+  if kind == "default":
+    return None
+  if kind == "linear":
+    return ("linear", float(rs["factor"]))
+  return ("llama3", float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
+          float(rs["original_max_position_embeddings"]))
+
+
+def _causal_from_hf(family: str):
+  def from_hf(hf: dict, path: Path | None) -> ModelConfig:
+    del path
+    _require(hf, "hidden_act", ("silu",), "silu")
+    _require(hf, "mlp_bias", (False, None), False)
+    _require(hf, "use_sliding_window", (False, None), False)
+    if family == "llama":
+      _require(hf, "attention_bias", (False, None), False)
+    hidden = _get(hf, "hidden_size")
+    heads = _get(hf, "num_attention_heads")
+    eos = hf.get("eos_token_id")
+    return ModelConfig(
+        family=family, vocab_size=_get(hf, "vocab_size"), hidden_size=hidden, num_layers=_get(hf, "num_hidden_layers"),
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hidden // heads, mlp_dim=_get(hf, "intermediate_size"), mask_token_id=-1,
+        pad_token_id=hf.get("pad_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        bos_token_id=hf.get("bos_token_id"), norm="rms",
+        norm_eps=hf.get("rms_norm_eps", 1e-6 if family == "qwen2" else 1e-5), positions="rope",
+        rope_theta=float(_rope_params(hf).get("rope_theta", 10000.0)), rope_scaling=_rope_scaling(hf), rope_fp32=False,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096), mlp="swiglu", qkv_bias=family == "qwen2",
+        head="tied" if hf.get("tie_word_embeddings") else "linear", shift_logits=False, causal=True)
+  return from_hf
+
+
+def _causal_to_hf(family: str):
+  def to_hf(cfg: ModelConfig) -> dict:
+    hf = {"architectures": ["LlamaForCausalLM" if family == "llama" else "Qwen2ForCausalLM"], "model_type": family,
+          "hidden_size": cfg.hidden_size, "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
+          "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+          "vocab_size": cfg.vocab_size, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+          "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position_embeddings,
+          "tie_word_embeddings": cfg.head == "tied", "attention_dropout": 0.0, "pad_token_id": cfg.pad_token_id,
+          "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.bos_token_id, "use_cache": True}
+    if family == "llama":
+      hf.update(attention_bias=False, mlp_bias=False)
+    else:
+      hf.update(use_sliding_window=False)
+    scaling = cfg.rope_scaling
+    if scaling and scaling[0] == "linear":
+      hf["rope_scaling"] = {"rope_type": "linear", "factor": scaling[1]}
+    elif scaling:
+      hf["rope_scaling"] = {"rope_type": "llama3", "factor": scaling[1], "low_freq_factor": scaling[2],
+                            "high_freq_factor": scaling[3], "original_max_position_embeddings": int(scaling[4])}
+    return hf
+  return to_hf
 
 
 # ----------------------------------------------------------------------------- BERT
@@ -280,7 +365,11 @@ def _bert_specs(cfg: ModelConfig, present: frozenset | None) -> list[TensorSpec]
 FAMILIES = {
     "llada": Family("llada", _llada_from_hf, _llada_to_hf, _llada_specs,
                     re.compile(r".*rotary_emb\.inv_freq$")),
-    "Dream": Family("dream", _dream_from_hf, _dream_to_hf, _dream_specs,
+    "Dream": Family("dream", _dream_from_hf, _dream_to_hf, _hf_decoder_specs,
+                    re.compile(r".*rotary_emb\.inv_freq$")),
+    "llama": Family("llama", _causal_from_hf("llama"), _causal_to_hf("llama"), _hf_decoder_specs,
+                    re.compile(r".*rotary_emb\.inv_freq$")),
+    "qwen2": Family("qwen2", _causal_from_hf("qwen2"), _causal_to_hf("qwen2"), _hf_decoder_specs,
                     re.compile(r".*rotary_emb\.inv_freq$")),
     "bert": Family("bert", _bert_from_hf, _bert_to_hf, _bert_specs,
                    re.compile(r"^(bert\.)?(embeddings\.position_ids|pooler\..*)$|^cls\.(seq_relationship\..*"

@@ -89,6 +89,7 @@ class ModelConfig:
   norm_eps: float = 1e-5
   positions: str = "rope"
   rope_theta: float = 10000.0
+  rope_scaling: tuple | None = None
   rope_fp32: bool = True
   max_position_embeddings: int = 4096
   type_vocab_size: int = 0
@@ -121,8 +122,9 @@ class ModelConfig:
           f"ModelConfig.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.positions == "rope" and self.head_dim % 2:
       raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
-    if not 0 <= self.mask_token_id < self.vocab_size:
-      raise ConfigError(f"ModelConfig.mask_token_id={self.mask_token_id} is outside the vocabulary [0, {self.vocab_size})")
+    if not 0 <= self.mask_token_id < self.vocab_size and not (self.causal and self.mask_token_id == -1):
+      raise ConfigError(f"ModelConfig.mask_token_id={self.mask_token_id} is outside the vocabulary [0, {self.vocab_size})"
+                        " (-1, no mask token, is for causal models only)")
 
   @property
   def compute_dtype(self):
@@ -197,13 +199,35 @@ class Norm(nn.Module):
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(cfg.compute_dtype)
 
 
-def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-  """Rotate-half RoPE tables (NeoX / HF Llama convention, not interleaved).
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None = None) -> np.ndarray:
+  """inv_freq_j = theta^(-2j / head_dim), j = 0 .. head_dim/2 - 1, then the checkpoint's scaling:
 
-  inv_freq_j = theta^(-2j / head_dim), j = 0 .. head_dim/2 - 1
-  emb = concat(pos * inv_freq, pos * inv_freq);  returns cos(emb), sin(emb): [B, L, head_dim] float32.
+  ("linear", f): inv_freq / f.
+  ("llama3", f, low, high, L0) (Llama 3.1+): wavelengths 2 pi / inv_freq longer than L0 / low
+  are divided by f, shorter than L0 / high kept, and in between smoothly interpolated with
+  s = (L0 / wavelen - low) / (high - low): (1 - s) inv_freq / f + s inv_freq.
   """
   inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  if scaling is None:
+    return inv_freq
+  if scaling[0] == "linear":
+    return (inv_freq / scaling[1]).astype(np.float32)
+  _, factor, low, high, old_len = scaling
+  wavelen = 2 * np.pi / inv_freq
+  scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float, scaling: tuple | None = None) -> tuple[Array, Array]:
+  """Rotate-half RoPE tables (NeoX / HF Llama convention, not interleaved).
+
+  emb = concat(pos * inv_freq, pos * inv_freq) (`rope_inv_freq`); returns cos(emb), sin(emb):
+  [B, L, head_dim] float32.
+  """
+  inv_freq = rope_inv_freq(head_dim, theta, scaling)
   freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
@@ -278,7 +302,9 @@ class Attention(nn.Module):
     if cache is not None:
       keys = jnp.concatenate([cache[0].astype(k.dtype), k], axis=1)
       values = jnp.concatenate([cache[1].astype(v.dtype), v], axis=1)
-    out = jax.nn.dot_product_attention(q, keys, values, mask=mask, is_causal=cfg.causal,
+    # with a cache, causality comes from the mask (jax's is_causal aligns the window's first
+    # query with the first cached key)
+    out = jax.nn.dot_product_attention(q, keys, values, mask=mask, is_causal=cfg.causal and cache is None,
                                        scale=cfg.head_dim ** -0.5, implementation=_attention_impl(cfg, q, mask))
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     return _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), cfg.out_bias, "o", n_in=2)(out), (k, v)
@@ -377,7 +403,7 @@ class MaskedDiffusionTransformer(nn.Module):
     x = embed(input_ids)
     rope = None
     if cfg.positions == "rope":
-      rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+      rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     else:
       init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))
       x = x + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=cfg.compute_dtype,
@@ -395,6 +421,10 @@ class MaskedDiffusionTransformer(nn.Module):
       if cache is not None:
         keep = jnp.concatenate([cache.valid.astype(bool), keep], axis=1)
       mask = jnp.broadcast_to(keep[:, None, None, :], (batch, 1, length, keep.shape[1]))
+      if cfg.causal and cache is not None:  # the cache holds earlier positions; the window is causal in itself
+        lc = cache.valid.shape[1]
+        own = jnp.concatenate([jnp.ones((length, lc), bool), jnp.tril(jnp.ones((length, length), bool))], axis=1)
+        mask = mask & own[None, None]
     block = Block
     if REMAT_POLICIES[cfg.remat] is not None:
       block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[cfg.remat]),

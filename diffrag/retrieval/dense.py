@@ -56,7 +56,7 @@ class MiniLMEncoder:
       enc = self.tokenizer(chunk, padding="longest", truncation=True, max_length=self.max_length,
                            return_tensors="np")
       length = enc["input_ids"].shape[1]
-      bucket = min(self.max_length, max(16, 1 << (length - 1).bit_length()))  # few compiled shapes
+      bucket = min(self.max_length, -(-length // 32) * 32)  # multiples of 32: few shapes, little padding
       ids = np.full((len(chunk), bucket), self.tokenizer.pad_token_id, np.int32)
       mask = np.zeros((len(chunk), bucket), np.int32)
       ids[:, :length], mask[:, :length] = enc["input_ids"], enc["attention_mask"]

@@ -298,6 +298,9 @@ def generate(model, params, prompt, transform: ScoreTransform, key: Array, *, ge
   Returns a `Sample`.
   """
   cfg = model.config
+  if cfg.causal or cfg.mask_token_id < 0:
+    raise ValueError(f"this {cfg.family} model is autoregressive (causal, no mask token): generate with "
+                     "diffrag.sampling.autoregressive.generate_ar (or beam_search_ar)")
   prompt = np.asarray(prompt) if not isinstance(prompt, jax.Array) else prompt
   if prompt.ndim != 2:
     raise ValueError(f"prompt must be [batch, length] token ids, got shape {prompt.shape}")

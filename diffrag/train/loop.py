@@ -243,12 +243,18 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
   history: list[dict] = []
   metrics_file = out / "metrics.jsonl"
   bar = tqdm(total=end, initial=start, desc="train", disable=not progress or jax.process_index() != 0)
+  writer = _event_writer(out) if jax.process_index() == 0 else None
   tokens_done, t_last = 0, time.perf_counter()
+  split = {"data_s": 0.0, "compute_s": 0.0, "checkpoint_s": 0.0}
   for step in range(start, end):
+    t0 = time.perf_counter()
     host_batch = next(data)
     batch = _global_batch({k: np.asarray(v) for k, v in host_batch.items()}, batch_sharding, per_host)
+    t1 = time.perf_counter()
     state, metrics = jitted(state, batch, jax.random.fold_in(root_key, step))
     loss = float(metrics["loss"])
+    split["data_s"] += t1 - t0
+    split["compute_s"] += time.perf_counter() - t1
     if not (math.isfinite(loss) and bool(metrics["params_finite"])):
       last = manager.latest_step()
       manager.close()
@@ -258,20 +264,31 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
           "raise optim.warmup_steps or check the data, then re-run to resume.")
     tokens_done += batch["tokens"].size  # the global batch
     bar.update(1)
+    if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
+      t0 = time.perf_counter()
+      manager.save(step + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+      _save_data_state(out, step + 1, data, set(manager.all_steps()) | {step + 1})
+      split["checkpoint_s"] += time.perf_counter() - t0
     if (step + 1) % cfg.train.log_every == 0 or step + 1 == end:
       now = time.perf_counter()
+      n = (step + 1) - (history[-1]["step"] if history else start)
       row = {"step": step + 1, "loss": loss, "masked_accuracy": float(metrics["masked_accuracy"]),
              "grad_norm": float(metrics["grad_norm"]), "lr": float(lr_fn(step)),
-             "tokens_per_s": tokens_done / max(now - t_last, 1e-9)}
+             "tokens_per_s": tokens_done / max(now - t_last, 1e-9),
+             **{f"step_{k}": v / max(n, 1) for k, v in split.items()}}
       tokens_done, t_last = 0, now
+      split = dict.fromkeys(split, 0.0)
       history.append(row)
       bar.set_postfix(loss=f"{loss:.3f}", acc=f"{row['masked_accuracy']:.3f}")
       if jax.process_index() == 0:
         with metrics_file.open("a") as f:
           f.write(json.dumps(row) + "\n")
-    if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
-      manager.save(step + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-      _save_data_state(out, step + 1, data, set(manager.all_steps()) | {step + 1})
+        for k, v in row.items():
+          if k != "step":
+            writer.add_scalar(f"train/{k}", v, step + 1)
+        writer.flush()
+  if writer is not None:
+    writer.close()
   bar.close()
   manager.wait_until_finished()
   manager.close()
@@ -279,6 +296,12 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
   if cfg.train.export and end == cfg.train.steps and jax.process_index() == 0:
     export_dir = export(model, state, cfg, tokenizer, out / "hf")
   return TrainResult(state, model, history, out, export_dir)
+
+
+def _event_writer(out: Path):
+  """TensorBoard event files beside metrics.jsonl (`tensorboard --logdir <out_dir>`)."""
+  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  return SummaryWriter(logdir=str(out / "tensorboard"))
 
 
 def export(model: MaskedDiffusionTransformer, state: step_lib.TrainState, cfg: TrainConfig, tokenizer,

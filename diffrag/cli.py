@@ -108,20 +108,27 @@ def _prompt_ids(args, tokenizer_dir):
   return [list(ids)], tok
 
 
+DLM_FLAGS = {"steps": "--steps", "block_length": "--block-length", "alg": "--alg", "alg_temp": "--alg-temp",
+             "remasking": "--remasking", "threshold": "--threshold", "cfg_scale": "--cfg-scale"}
+
+
 def cmd_sample(args) -> int:
   import jax
-  if args.temperature > 0 and args.alg is None:
-    jax.config.update("jax_enable_x64", True)  # LLaDA's Gumbel-max noise is float64
   from diffrag.models import from_pretrained
-  from diffrag.sampling.sampler import generate, truncate_at_eos
   if not Path(args.checkpoint, "config.json").exists():
     raise FileNotFoundError(f"no config.json in --checkpoint {args.checkpoint}: give a Hugging Face checkpoint folder")
   model, params = from_pretrained(args.checkpoint, dtype=args.dtype)
-  transform = sample_transform(args, model.config.family)
   prompt, tok = _prompt_ids(args, args.checkpoint)
+  if model.config.causal:
+    return _sample_ar(args, model, params, prompt, tok)
+  if args.temperature > 0 and args.alg is None:
+    jax.config.update("jax_enable_x64", True)  # LLaDA's Gumbel-max noise is float64
+  from diffrag.sampling.sampler import generate, truncate_at_eos
+  transform = sample_transform(args, model.config.family)
   t0 = time.perf_counter()
   out = generate(model, params, prompt, transform, jax.random.key(args.seed), gen_length=args.gen_length,
-                 steps=args.steps, block_length=args.block_length, cache=args.cache, stop_at_eos=args.stop_at_eos)
+                 steps=args.steps or args.gen_length, block_length=args.block_length, cache=args.cache,
+                 stop_at_eos=args.stop_at_eos)
   out = jax.device_get(out)
   seconds = time.perf_counter() - t0
   gen = out.tokens[:, len(prompt[0]):].tolist()
@@ -155,6 +162,36 @@ def rag_caption(summary: dict) -> str:
                "(interval excludes 0), p_* = paired randomization test; RSD = relative drop of cos(question, "
                "answer so far) from its peak to the end (lower is better); s_per_q excludes compilation (compile_s).")
   return " ".join(parts)
+
+
+def _sample_ar(args, model, params, prompt, tok) -> int:
+  """`diffrag sample` with a causal checkpoint: KV-cached autoregressive generation."""
+  import jax
+  from diffrag.sampling.autoregressive import ar_sampler, generate_ar, stop_ids_of
+  given = [flag for field, flag in DLM_FLAGS.items() if getattr(args, field) not in (None, 0, 0.0)]
+  if args.cache != "none":
+    given.append("--cache")
+  if args.stop_at_eos:
+    given.append("--stop-at-eos")
+  if given:
+    raise ValueError(f"{given} apply to masked diffusion models only; {args.checkpoint} is an autoregressive "
+                     f"{model.config.family} model (it writes left to right and stops at its EOS): drop them")
+  stops = stop_ids_of(args.checkpoint, model.config)
+  t0 = time.perf_counter()
+  out = jax.device_get(generate_ar(model, params, prompt, jax.random.key(args.seed), max_new_tokens=args.gen_length,
+                                   transform=ar_sampler(args.temperature, args.top_k, args.top_p), stop_ids=stops))
+  seconds = time.perf_counter() - t0
+  n = int(out.lengths[0])
+  gen = [out.tokens[0, len(prompt[0]):len(prompt[0]) + n].tolist()]  # up to and including the first stop id
+  text = [tok.decode(g, skip_special_tokens=True) for g in gen] if tok is not None else None
+  if args.json:
+    print(json.dumps({"generated_ids": gen, "text": text, "num_forward": int(out.num_forward),
+                      "timing": {"seconds": round(seconds, 4), "includes_compile": True,
+                                 "tokens_per_second": round(n / seconds, 2)}}))
+  else:
+    print(text[0] if text is not None else " ".join(map(str, gen[0])))
+    print(f"[{n} tokens, {int(out.num_forward)} forward passes, {seconds:.2f}s incl. compile]", file=sys.stderr)
+  return 0
 
 
 def cmd_rag(args) -> int:
@@ -211,14 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--config", required=True, help="YAML config (see configs/)")
   train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 train.steps=50")
   train.set_defaults(fn=cmd_train)
-  sample = sub.add_parser("sample", help="denoise an answer for a prompt with LLaDA / Dream / Fast-dLLM rules")
+  sample = sub.add_parser("sample", help="denoise an answer for a prompt with LLaDA / Dream / Fast-dLLM rules "
+                                         "(or generate it left to right with a causal Llama / Qwen2 checkpoint)")
   sample.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder")
   what = sample.add_mutually_exclusive_group(required=True)
   what.add_argument("--prompt", help="prompt text (tokenised with the checkpoint's tokenizer)")
   what.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
   sample.add_argument("--chat", action="store_true", help="wrap --prompt in the tokenizer's chat template")
   sample.add_argument("--gen-length", type=int, default=128)
-  sample.add_argument("--steps", type=int, default=128)
+  sample.add_argument("--steps", type=int, default=None, help="denoising steps (default: --gen-length)")
   sample.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block (default: gen length)")
   sample.add_argument("--temperature", type=float, default=0.0)
   sample.add_argument("--cfg-scale", type=float, default=0.0, help="LLaDA classifier-free guidance (0 = off)")

@@ -151,3 +151,28 @@ def causal_checkpoint(path: Path, family: str = "llama", **kw):
   ref = (llama_reference if family == "llama" else qwen2_reference)(**kw)
   ref.save_pretrained(path, safe_serialization=True)
   return path, ref
+
+
+WORDS = ("the a of in is on and to what which where who does did from into flows river sea nile africa bees honey "
+         "nectar flowers hive mount etna volcano island sicily italy amazon atlantic water cats purr dogs bark "
+         "strangers rivers document title make why question answer passage [ ] 0 1 2 3 4 5 6 7 8 9").split()
+
+
+def word_tokenizer(path: Path, eos_ids=(2,)) -> Path:
+  """A word-level tokenizer of VOCAB ids ([PAD] 0, [BOS] 1, [EOS] 2, [UNK] 3, then words) saved
+  with `transformers`, plus a generation_config.json naming the stop ids."""
+  import json as json_lib
+  from tokenizers import Tokenizer, normalizers, pre_tokenizers
+  from tokenizers.models import WordLevel
+  from transformers import PreTrainedTokenizerFast
+  vocab = {t: i for i, t in enumerate(["[PAD]", "[BOS]", "[EOS]", "[UNK]"] + list(dict.fromkeys(WORDS)))}
+  for i in range(len(vocab), VOCAB):
+    vocab[f"w{i}"] = i
+  tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+  tok.normalizer = normalizers.Lowercase()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]",
+                                 unk_token="[UNK]")
+  fast.save_pretrained(str(path))
+  (Path(path) / "generation_config.json").write_text(json_lib.dumps({"eos_token_id": list(eos_ids)}))
+  return Path(path)

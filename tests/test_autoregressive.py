@@ -95,3 +95,62 @@ def test_ar_errors_are_clear(causal, tmp_path):
   from diffrag.sampling.sampler import generate
   with pytest.raises(ValueError, match="autoregressive"):
     generate(model, params, np.ones((1, 8), np.int32), T.llada(), jax.random.key(0), gen_length=4, steps=4)
+
+
+# ------------------------------------------------------------------------- CLI and pipelines
+
+
+@pytest.fixture(scope="module")
+def ar_checkpoint(tmp_path_factory):
+  path, _ = hf.causal_checkpoint(tmp_path_factory.mktemp("qwen"), "qwen2", seed=2, tie=True)
+  return hf.word_tokenizer(path, eos_ids=(EOS, 7))
+
+
+def test_cli_sample_runs_ar_generation(ar_checkpoint, capsys):
+  import json
+  from diffrag.cli import main
+  assert main(["sample", "--checkpoint", str(ar_checkpoint), "--prompt-ids", "5,6,8", "--gen-length", "16",
+               "--temperature", "0", "--json"]) == 0
+  got = json.loads(capsys.readouterr().out)["generated_ids"][0]
+  model, params = from_pretrained(ar_checkpoint)
+  ref = generate_ar(model, params, np.array([[5, 6, 8]]), jax.random.key(0), max_new_tokens=16, stop_ids=(EOS, 7))
+  n = int(ref.lengths[0])
+  assert got == np.asarray(ref.tokens)[0, 3:3 + n].tolist()  # up to and including the first stop id
+  assert len(got) == 16 or got[-1] in (EOS, 7)
+  for flag in (["--steps", "8"], ["--block-length", "8"], ["--alg", "entropy"], ["--cache", "dual"]):
+    assert main(["sample", "--checkpoint", str(ar_checkpoint), "--prompt-ids", "5,6", "--gen-length", "8", *flag]) == 2
+    assert "masked diffusion models only" in capsys.readouterr().err
+
+
+def test_rag_with_an_ar_reader(ar_checkpoint, tmp_path):
+  import json
+  from diffrag import config as config_lib
+  from diffrag.rag.pipeline import RagConfig, run_rag
+  from tests.test_rag import _squad_files
+  _squad_files(tmp_path / "data")
+  over = [f"data.data_dir={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'tfds'}", "data.dataset=squad",
+          "data.holdout=1.0", "retrieval.retriever=bm25", "retrieval.k=1", f"reader.checkpoint={ar_checkpoint}",
+          "prompt.chat=false", "prompt.max_prompt_tokens=48", "generation.gen_length=6", "generation.batch_size=4",
+          "spread.alphas=[]", f"out_dir={tmp_path / 'out'}"]
+  summary = run_rag(config_lib.load(RagConfig, None, over), progress=False)
+  assert [r["method"] for r in summary["methods"]] == ["baseline"] and summary["methods"][0]["n"] == 7
+  rec = json.loads((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[0])
+  n = sum(c >= 0 for c in rec["commit_step"])
+  assert rec["commit_step"][:n] == list(range(n)) and len(rec["drift_curve"]) == rec["forward_passes"]
+  with pytest.raises(ValueError, match="masked diffusion readers only"):
+    run_rag(config_lib.load(RagConfig, None, over + ["spread.alphas=[0.5]"]), progress=False)
+
+
+def test_gr_with_an_ar_checkpoint_trains_and_decodes_the_ar_row(ar_checkpoint, tmp_path):
+  from diffrag import config as config_lib
+  from diffrag.gr.pipeline import GRConfig, run_gr
+  from tests.test_gr import _beir
+  _beir(tmp_path / "data" / "toy")
+  over = [f"data.data_dir={tmp_path / 'data'}", "data.dataset=toy", f"model.checkpoint={ar_checkpoint}",
+          "train.steps=2", "train.batch_size=4", "train.warmup_steps=1", "train.query_tokens=8",
+          f"train.store={tmp_path / 'store'}", "docids.max_tokens=6", "decode.beam=2", "baselines=[bm25]",
+          f"out_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'c'}"]
+  summary = run_gr(config_lib.load(GRConfig, None, over), progress=False)
+  rows = {r["method"]: r for r in summary["methods"]}
+  assert set(rows) == {"bm25", "ar_beam_B2"} and rows["ar_beam_B2"]["model"] == "autoregressive (qwen2)"
+  assert rows["ar_beam_B2"]["invalid_%"] == 0 and rows["ar_beam_B2"]["train_steps"] == 2

@@ -36,7 +36,7 @@ from diffrag.diffusion.objective import mc_log_likelihood
 from diffrag.experiment.timing import Stopwatch, Timing
 from diffrag.gr.constraints import allowed_tokens_mask, docid_allowed, docid_repair
 from diffrag.gr.docids import DocIDTable
-from diffrag.models.transformer import positions_from_mask
+from diffrag.models.transformer import positions_from_mask, prediction_window
 from diffrag.sampling import transforms as T
 from diffrag.sampling.sampler import generate
 
@@ -159,8 +159,9 @@ def pseudo_beam(model, params, prompts, mask, table: DocIDTable, samples: int, *
 
 
 def _apply(model, params, ids, mask, window):
+  """Logits [B, n, V] about the tokens of window (start, n), for any family (`prediction_window`)."""
   return model.apply({"params": params}, ids, attention_mask=mask, positions=positions_from_mask(mask),
-                     output_window=window)
+                     output_window=prediction_window(model.config, *window))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beam", "order"))

@@ -89,6 +89,10 @@ def linguistic_docids(titles: Sequence[str], texts: Sequence[str], doc_ids: Sequ
     while tuple(toks) in taken:
       k += 1
       suffix = enc(f" [{k}]")
+      if suffix == enc(f" [{k - 1}]") if k > 2 else False:
+        raise ValueError(f"document {doc_ids[i]!r} duplicates another DocID and the tokenizer encodes every suffix "
+                         f"' [k]' alike ({suffix}): it cannot make DocIDs unique; use docids.kind=rq or a tokenizer "
+                         "that has digits")
       toks = base[:max_tokens - 1 - len(suffix)] + suffix
     if k > 1:
       suffixed += 1

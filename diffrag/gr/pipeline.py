@@ -338,10 +338,13 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
           "pairs": array_digest(flat), "n_pairs": len(pairs)}
   vocab = table.vocab(model.config.vocab_size) if cfg.train.docid_vocab else None
   output_ids = None if vocab is None else np.flatnonzero(vocab).astype(np.int32)
-  t0 = time.perf_counter()
-  dm, dparams, d_record = _train(cfg, model, params, tok, pairs, table, objective="diffusion",
-                                 steps=cfg.train.steps, spec=spec, output_ids=output_ids)
-  walls["train_diffusion"] = time.perf_counter() - t0
+  causal_backbone = model.config.causal  # an AR checkpoint (Qwen2.5, Llama): only the AR row is trained
+  d_record = None
+  if not causal_backbone:
+    t0 = time.perf_counter()
+    dm, dparams, d_record = _train(cfg, model, params, tok, pairs, table, objective="diffusion",
+                                   steps=cfg.train.steps, spec=spec, output_ids=output_ids)
+    walls["train_diffusion"] = time.perf_counter() - t0
   pad = tok.pad_token_id if tok.pad_token_id is not None else 0
   q_ids, q_mask = left_pad([_tokens(tok, queries[q], cfg.train.query_tokens) for q in eval_ids],
                            cfg.train.query_tokens, pad)
@@ -395,22 +398,22 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   bs, lc = cfg.decode.batch_size, table.length
   fam = "diffusion"
   t0 = time.perf_counter()
-  for t in sorted({min(int(t), lc) for t in cfg.decode.steps}):
+  for t in sorted({min(int(t), lc) for t in cfg.decode.steps}) if not causal_backbone else []:
     for constrained in [c for c, on in ((True, cfg.decode.constrained), (False, cfg.decode.unconstrained)) if on]:
       dec = D.t_step(dm, dparams, q_ids, q_mask, table, t, constrained=constrained, batch=bs, vocab=vocab)
       r = record(f"diffusion_T{t}{'_constrained' if constrained else ''}", fam, t, dec, train_rec=d_record)
       curves.append((t, constrained, r["recall@1"], r["ms_per_query"], r["forward_passes"]))
-  if cfg.decode.pseudo_beam:
+  if cfg.decode.pseudo_beam and not causal_backbone:
     b = cfg.decode.pseudo_beam
     t_pb = min(cfg.decode.pseudo_beam_steps, lc)
     record(f"pseudo_beam_B{b}", fam, t_pb,
            D.pseudo_beam(dm, dparams, q_ids, q_mask, table, b, steps=t_pb,
                          temperature=cfg.decode.pseudo_beam_temperature, batch=bs), samples=b, train_rec=d_record)
-  if cfg.decode.beam:
+  if cfg.decode.beam and not causal_backbone:
     record(f"beam_B{cfg.decode.beam}", fam, lc,
            D.beam_search(dm, dparams, q_ids, q_mask, table, cfg.decode.beam, batch=max(1, bs // 2)),
            samples=cfg.decode.beam, train_rec=d_record)
-  if cfg.decode.one_pass:
+  if cfg.decode.one_pass and not causal_backbone:
     first = D.one_pass(dm, dparams, q_ids, q_mask, table, cfg.decode.one_pass, batch=bs)
     record(f"one_pass_top{cfg.decode.one_pass}", fam, 1, first, train_rec=d_record)
     if cfg.decode.elbo_rerank:
@@ -418,17 +421,18 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
              D.elbo_rerank(dm, dparams, q_ids, q_mask, table, first, top=cfg.decode.elbo_rerank), train_rec=d_record)
   walls["decode_diffusion"] = time.perf_counter() - t0
   records_used = [r for r in (docid_record, d_record) if r]
-  ar_steps = cfg.train.steps if cfg.train.ar_steps is None else cfg.train.ar_steps
+  ar_steps = cfg.train.steps if cfg.train.ar_steps is None or causal_backbone else cfg.train.ar_steps
   if ar_steps:
     t0 = time.perf_counter()
-    ar_model = type(model)(model.config.replace(causal=True, shift_logits=True))
+    # the AR twin: the same backbone with a causal mask (an AR checkpoint is used as it is)
+    ar_model = model if causal_backbone else type(model)(model.config.replace(causal=True, shift_logits=True))
     am, aparams, a_record = _train(cfg, ar_model, params, tok, pairs, table, objective="ar", steps=ar_steps,
                                    spec=spec, output_ids=output_ids)
     walls["train_ar"] = time.perf_counter() - t0
     records_used.append(a_record)
     b = max(cfg.decode.beam, 1)
     t0 = time.perf_counter()
-    record(f"ar_beam_B{b}", "autoregressive", lc,
+    record(f"ar_beam_B{b}", f"autoregressive ({ar_model.config.family})", lc,
            D.beam_search(am, aparams, q_ids, q_mask, table, b, order="left_to_right", batch=max(1, bs // 2)),
            samples=b, train_rec=a_record)
     walls["decode_ar"] = time.perf_counter() - t0

@@ -359,6 +359,9 @@ def _bert_specs(cfg: ModelConfig, present: frozenset | None) -> list[TensorSpec]
   ]
   if cfg.type_vocab_size:
     specs.append(TensorSpec(e + "token_type_embeddings.weight", ("type_embed", "embedding")))
+  if cfg.copy_head:  # diffrag's extractive copy head (no transformers counterpart: ignored by BertForMaskedLM)
+    specs += [TensorSpec("copy_head.query.weight", ("copy_q", "kernel"), None, 1),
+              TensorSpec("copy_head.key.weight", ("copy_k", "kernel"), None, 1)]
   return specs + _layer_specs(cfg, layer)
 
 
@@ -374,7 +377,7 @@ FAMILIES = {
     "bert": Family("bert", _bert_from_hf, _bert_to_hf, _bert_specs,
                    re.compile(r"^(bert\.)?(embeddings\.position_ids|pooler\..*)$|^cls\.(seq_relationship\..*"
                               r"|predictions\.decoder\.(weight|bias))$"),
-                   head_paths=(("mlm_dense",), ("mlm_norm",), ("mlm_bias",))),
+                   head_paths=(("mlm_dense",), ("mlm_norm",), ("mlm_bias",), ("copy_q",), ("copy_k",))),
 }
 _BY_LABEL = {f.name: f for f in FAMILIES.values()}
 

@@ -68,6 +68,9 @@ class ModelConfig:
     and RoPE tables are always float32.
   attention_impl: "auto" (cuDNN flash attention on GPU for unmasked 16-bit attention,
     XLA otherwise), "xla" or "cudnn".
+  copy_head: the output distribution copies tokens of the input instead of projecting on the
+    vocabulary (an extractive reader; see `copy_logits`): a token's logit is the log-sum-exp
+    of attention scores to the context positions holding it, EOS keeps the vocabulary head's.
   remat: rematerialisation of each scanned layer in the backward pass (`REMAT_POLICIES`:
     "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"); not architecture:
     the same weights load under any policy.
@@ -104,6 +107,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   attention_impl: str = "auto"
   remat: str = "none"
+  copy_head: bool = False
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
@@ -437,6 +441,8 @@ class MaskedDiffusionTransformer(nn.Module):
                                 name="layers")(x, rope, mask, layer_cache)
     if cfg.norm == "rms":
       x = Norm(cfg, name="final_norm")(x)
+    full_x = x
+    keep_keys = None if attention_mask is None else attention_mask.astype(bool)
     chosen = x if hidden_layer < 0 else per_layer[hidden_layer]
     if output_window is not None:
       start, n = output_window
@@ -447,12 +453,36 @@ class MaskedDiffusionTransformer(nn.Module):
       hidden = chosen
       if cfg.shift_logits:
         x = jnp.concatenate([x[:, :1], x[:, :-1]], axis=1)
+    mlm_dense, mlm_norm = None, None
     if cfg.head == "mlm":
-      x = nn.gelu(_dense(cfg, cfg.hidden_size, ("embed", None), True, "mlm_dense")(x), approximate=False)
-      x = Norm(cfg, name="mlm_norm")(x)
-    if return_features:
+      mlm_dense = _dense(cfg, cfg.hidden_size, ("embed", None), True, "mlm_dense")
+      mlm_norm = Norm(cfg, name="mlm_norm")
+      x = mlm_norm(nn.gelu(mlm_dense(x), approximate=False))
+    if cfg.copy_head:
+      if return_features:
+        raise ValueError("a copy head has no vocabulary projection to tile: train it with vocab_tile=0")
+      keys = full_x if mlm_dense is None else mlm_norm(nn.gelu(mlm_dense(full_x), approximate=False))
+      start = 0 if output_window is None else output_window[0]
+      copyable = (input_ids != cfg.mask_token_id) & (jnp.arange(length)[None, :] < (start if output_window is not None
+                                                                                   else length))
+      copyable = copyable & (keep_keys if attention_mask is not None else True)
+      for special in (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id):
+        if special is not None:
+          copyable = copyable & (input_ids != special)
+      q = _dense(cfg, cfg.hidden_size, ("embed", None), False, "copy_q")(x)
+      k = _dense(cfg, cfg.hidden_size, ("embed", None), False, "copy_k")(keys)
+      vocab_logits = embed.attend(x)
+      if cfg.head == "mlm":
+        bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                          (cfg.vocab_size,), cfg.weight_dtype)
+        vocab_logits = vocab_logits + bias.astype(vocab_logits.dtype)
+      logits = copy_logits(q, k, input_ids, copyable, vocab_logits, cfg.eos_token_id)
+      return_features = False
+    elif return_features:
       # what the output projection (`output_projection`) multiplies: [B, L or n, D]
       logits = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    if cfg.copy_head or return_features:
+      pass
     elif cfg.head == "linear":
       logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), False, "lm_head")(x)
     else:
@@ -470,6 +500,30 @@ class MaskedDiffusionTransformer(nn.Module):
     return outputs if len(outputs) > 1 else outputs[0]
 
 
+def copy_logits(q: Array, k: Array, input_ids: Array, copyable: Array, vocab_logits: Array, eos_id: int | None):
+  """Logits of a copy head (a pointer over the input, written as a distribution over the vocabulary).
+
+  s_ij = <q_i, k_j> / sqrt(D) for copyable positions j (the context: not masked, not special,
+  before the answer window); logit_i(v) = log sum_{j: x_j = v} exp(s_ij) (-inf for tokens not
+  in the context), and logit_i(EOS) = the vocabulary head's (vocab_logits[..., EOS]).
+  q: [B, n, D]; k: [B, L, D]; input_ids, copyable: [B, L]; vocab_logits: [B, n, V] -> [B, n, V].
+  """
+  b, n, d = q.shape
+  s = jnp.einsum("bnd,bld->bnl", q.astype(jnp.float32), k.astype(jnp.float32)) / np.sqrt(d)
+  s = jnp.where(copyable[:, None, :], s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  e = jnp.exp(s - m)                                                          # [B, n, L]
+  rows = jnp.arange(b)[:, None, None]
+  pos = jnp.arange(n)[None, :, None]
+  tok = jnp.broadcast_to(input_ids[:, None, :], e.shape)
+  sums = jnp.zeros((b, n, vocab_logits.shape[-1]), jnp.float32).at[rows, pos, tok].add(e)
+  logits = jnp.where(sums > 0, jnp.log(jnp.maximum(sums, 1e-30)) + m, -jnp.inf)
+  if eos_id is not None:
+    logits = logits.at[..., eos_id].set(vocab_logits[..., eos_id].astype(jnp.float32))
+  return logits.astype(vocab_logits.dtype)
+
+
 def output_projection(cfg: ModelConfig, params) -> tuple[Array, Array | None]:
   """(W [D, V], b [V] or None) of the output layer: logits = features @ W + b (see
   `MaskedDiffusionTransformer(..., return_features=True)`)."""
@@ -477,6 +531,13 @@ def output_projection(cfg: ModelConfig, params) -> tuple[Array, Array | None]:
     return params["lm_head"]["kernel"], None
   w = params["embed"]["embedding"].T
   return w, (params["mlm_bias"] if cfg.head == "mlm" else None)
+
+
+def prediction_window(cfg: ModelConfig, start, n: int):
+  """The `output_window` whose logits are about tokens [start, start + n): a causal model in
+  Hugging Face's convention (logits[:, i] predicts token i + 1) reads them one position
+  earlier; every other model (Dream re-aligns its shift itself) at the tokens' own positions."""
+  return (start - 1, n) if cfg.causal and not cfg.shift_logits else (start, n)
 
 
 def positions_from_mask(attention_mask: Array) -> Array:

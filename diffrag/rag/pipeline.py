@@ -41,7 +41,8 @@ from diffrag.rag.prompts import PromptSpec, build_prompt
 from diffrag.rag.spread import DREAM_HIDDEN, query_representation, spread, unit_entropy
 from diffrag.report import pyplot, save_figure, write_table
 from diffrag.sampling import transforms as T
-from diffrag.sampling.sampler import generate
+from diffrag.sampling.autoregressive import ar_sampler, generate_ar, stop_ids_of
+from diffrag.sampling.sampler import Sample, generate
 
 RECIPE = "minilm-reader-v2"  # bump when the reader's training code changes what it learns
 
@@ -410,14 +411,15 @@ def _left_pad(rows, length, pad_id):
   return ids, mask
 
 
-def answer_ids(gen_ids, eos_id: int, scope: str) -> list[list[int]]:
+def answer_ids(gen_ids, eos_ids, scope: str) -> list[list[int]]:
   """The generated ids [B, G] read as answers: `first_eos` cuts before the first EOS (how
   LLaDA/Dream chat answers are read); `canvas` keeps the whole canvas (special tokens are
-  dropped when decoding: the SPREAD paper's protocol)."""
+  dropped when decoding: the SPREAD paper's protocol). eos_ids: one id or several (stop ids)."""
+  stops = {eos_ids} if isinstance(eos_ids, (int, np.integer)) else set(eos_ids)
   rows = np.asarray(gen_ids).tolist()
   if scope == "canvas":
     return rows
-  return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+  return [r[:next((i for i, x in enumerate(r) if x in stops), len(r))] for r in rows]
 
 
 def _check(cfg: RagConfig, model_cfg) -> None:
@@ -429,6 +431,15 @@ def _check(cfg: RagConfig, model_cfg) -> None:
   if cfg.spread.dream_hidden == "i_minus_1" and not model_cfg.shift_logits:
     raise ValueError("spread.dream_hidden=i_minus_1 applies to shifted-logit readers (Dream), whose logits at i "
                      "come from the state at i - 1; this reader predicts each position from its own state")
+  if model_cfg.causal:  # an autoregressive reader (Llama, Qwen2): DLM-only switches are errors
+    dlm_only = {"spread.alphas": bool(cfg.spread.alphas), "generation.block_length": g.block_length is not None,
+                "generation.cache": g.cache != "none", "generation.threshold": g.threshold is not None,
+                "generation.stop_at_eos": g.stop_at_eos}
+    bad = [k for k, on in dlm_only.items() if on]
+    if bad:
+      raise ValueError(f"{bad} apply to masked diffusion readers only: this {model_cfg.family} reader is "
+                       "autoregressive (it writes left to right, one token per step, so there is no masked position "
+                       "to choose, no block and no cache to reuse); unset them (spread.alphas=[])")
   total, limit = cfg.prompt.max_prompt_tokens + g.gen_length, model_cfg.max_position_embeddings
   if cfg.prompt.context_limit:
     limit = min(limit, cfg.prompt.context_limit)
@@ -557,7 +568,10 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
   shift = 1 if cfg.spread.dream_hidden == "i_minus_1" else 0
   qrep = _query_fn(model, cfg.spread.hidden_layer, cfg.spread.pooling, shift)
   extractive = cfg.reader.extractive and not cfg.reader.checkpoint
-  transforms = {n: make_transform(gen, rule, a, cfg.spread.pooling, extractive) for n, a in methods}
+  causal = mcfg.causal
+  transforms = {n: make_transform(gen, rule, a, cfg.spread.pooling, extractive) for n, a in methods} \
+      if not causal else {"baseline": ar_sampler(gen.temperature)}
+  stops = stop_ids_of(cfg.reader.checkpoint, mcfg) if causal and cfg.reader.checkpoint else (eos,)
   watches = {n: Stopwatch() for n, _ in methods}
   bs = gen.batch_size
   gen_kw = dict(gen_length=gen.gen_length, steps=gen.steps, block_length=gen.block_length, stop_at_eos=gen.stop_at_eos,
@@ -574,7 +588,7 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
       ids, mask = _left_pad([b.ids for b in built], spec.max_prompt_tokens, pad)
       q_tok = [tok(r["question"], add_special_tokens=False)["input_ids"][:QUERY_TOKENS] for r in rows]
       q_ids, q_mask = _left_pad(q_tok, QUERY_TOKENS, pad)
-      extras = {"query_hidden": qrep(params, q_ids, q_mask)}
+      extras = {"query_hidden": qrep(params, q_ids, q_mask)} if not causal else {}
       if extractive:
         allowed = np.zeros((len(rows), mcfg.vocab_size), bool)
         for i, b in enumerate(built):
@@ -585,8 +599,13 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
         extras["query_mask"] = jnp.asarray(q_mask)
       key = jax.random.key(gen.seed + start)
       for name, _ in todo:
-        call = lambda: jax.device_get(generate(model, params, ids, transforms[name], key, attention_mask=mask,
-                                               extras=extras, **gen_kw))
+        if causal:
+          call = lambda: _ar_as_sample(generate_ar(model, params, ids, key, max_new_tokens=gen.gen_length,
+                                                   transform=transforms[name], attention_mask=mask, stop_ids=stops,
+                                                   pad_id=pad))
+        else:
+          call = lambda: jax.device_get(generate(model, params, ids, transforms[name], key, attention_mask=mask,
+                                                 extras=extras, **gen_kw))
         if watches[name].timing.compile_seconds == 0.0:  # the first batch compiles: timed apart
           with watches[name].warmup():
             sample_ = call()
@@ -594,8 +613,8 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
           with watches[name].timed():
             sample_ = call()
         gen_ids = sample_.tokens[:, spec.max_prompt_tokens:]
-        answers = answer_ids(gen_ids, eos, gen.answer_scope)
-        curves = _drift(encoder, tok, [r["question"] for r in batch], gen_ids, sample_.commit_step, eos,
+        answers = answer_ids(gen_ids, stops, gen.answer_scope)
+        curves = _drift(encoder, tok, [r["question"] for r in batch], gen_ids, sample_.commit_step, stops,
                         mcfg.mask_token_id, int(sample_.num_forward), gen.answer_scope) \
             if encoder is not None else [[]] * len(batch)
         for i, r in enumerate(batch):
@@ -619,6 +638,15 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
 QUERY_TOKENS = 64  # questions are padded to this length for h_q (positions ignore the padding)
 
 
+def _ar_as_sample(out) -> Sample:
+  """An autoregressive generation as a `Sample`: position t is committed at forward pass t."""
+  out = jax.device_get(out)
+  g = out.logprob.shape[1]
+  steps = np.broadcast_to(np.arange(g), out.logprob.shape)
+  commit = np.where(steps < out.lengths[:, None], steps, -1).astype(np.int32)
+  return Sample(out.tokens, commit, out.logprob, out.num_forward)
+
+
 @functools.lru_cache(maxsize=None)
 def _query_fn(model, hidden_layer: int, pooling: str, shift: int):
   del shift  # h_q pools the question's own states, whatever position SPREAD reads on the canvas
@@ -627,7 +655,9 @@ def _query_fn(model, hidden_layer: int, pooling: str, shift: int):
 
 def _drift(encoder, tok, questions, gen_ids, commit_step, eos, mask_id, steps, scope):
   """Per question, the drift curve over forward passes t = 0..steps-1 of the answer text
-  committed by step t (up to a committed EOS with answer_scope first_eos)."""
+  committed by step t (up to a committed EOS with answer_scope first_eos). An autoregressive
+  reader commits position t at step t, so its curve is over prefixes (share of the answer)."""
+  eos = set(eos) if isinstance(eos, (tuple, list, set)) else {eos}
   texts = []
   for row, cs in zip(gen_ids[:len(questions)], commit_step[:len(questions)]):
     per_step = []
@@ -636,7 +666,7 @@ def _drift(encoder, tok, questions, gen_ids, commit_step, eos, mask_id, steps, s
       for x, c in zip(row.tolist(), cs.tolist()):
         if not 0 <= c <= t:
           continue
-        if x == eos and scope == "first_eos":
+        if x in eos and scope == "first_eos":
           break
         if x != mask_id:
           words.append(x)

@@ -98,6 +98,8 @@ def check_spec(spec: SampleSpec, model_cfg, transform: ScoreTransform) -> None:
                      f"({bl}) steps per block, i.e. steps <= gen_length ({g})")
   if spec.cache not in CACHE_MODES:
     raise ValueError(f"cache must be one of {CACHE_MODES}, got {spec.cache!r}")
+  if spec.cache != "none" and model_cfg.copy_head:
+    raise ValueError("a copy-head reader copies from the prompt, which a cached forward does not see: use cache='none'")
   if spec.cache != "none" and "uncond_logits" in transform.needs:
     raise ValueError("classifier-free guidance (cfg_scale > 0) cannot be combined with a KV cache: use cache='none'")
   if spec.prompt_len < 1 and model_cfg.shift_logits:

@@ -17,7 +17,7 @@ import optax
 
 from diffrag.diffusion import schedule as schedules
 from diffrag.diffusion.objective import Projected, ar_loss, diffusion_loss
-from diffrag.models.transformer import output_projection, positions_from_mask
+from diffrag.models.transformer import output_projection, positions_from_mask, prediction_window
 
 # Kernels that LoRA adapts, with the number of input axes of each (after the layer axis).
 LORA_TARGETS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1, "wi": 1, "wo": 1}
@@ -130,10 +130,15 @@ def model_apply_fn(model) -> Callable:
   """apply_fn(params, tokens, window=None, attention_mask=None, features=False) for
   `make_train_step`: the model's forward with `output_window=window`, the key-padding mask
   and positions that count real tokens only (`positions_from_mask`); logits, or with
-  features=True a `Projected` (features + the output projection: logits never built)."""
+  features=True a `Projected` (features + the output projection: logits never built). The
+  window's logits are about its own tokens for every family (`prediction_window`)."""
 
   def apply_fn(params, tokens, window=None, attention_mask=None, features=False):
     positions = None if attention_mask is None else positions_from_mask(attention_mask)
+    if window is not None:
+      window = prediction_window(model.config, *window)
+    elif model.config.causal and not model.config.shift_logits:
+      raise ValueError("training a causal model in Hugging Face's convention needs a loss window (train.loss_window)")
     out = model.apply({"params": params}, tokens, output_window=window, attention_mask=attention_mask,
                       positions=positions, return_features=features)
     if not features:

@@ -30,28 +30,33 @@ BENCH_LLADA = dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, 
                    mlp_dim=688, mask_token_id=8191)
 
 
-def _jax_train_tokens_per_s(model, params, batch, steps):
-  cfg = TrainConfig(optim=OptimConfig(lr=1e-4, warmup_steps=1), train=LoopSpec(steps=steps + 2),
+def _jax_train_tokens_per_s(model, params, batch, steps, loss_window=None, batches=None):
+  """Tokens/s of the jitted train step (every batch's tokens, padding included) and compile s."""
+  cfg = TrainConfig(optim=OptimConfig(lr=1e-4, warmup_steps=1), train=LoopSpec(steps=steps + 2, loss_window=loss_window),
                     mesh=MeshSpec(1, 1, 1))
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, 1))
+  batches = batches or [batch]
   sw = Stopwatch()
   with sw.warmup():
     state, step, sharding = compile_step(model, params, cfg, mesh, mesh_lib.DEFAULT_RULES)
-    b = _global_batch(batch, sharding)
-    state, m = step(state, b, jax.random.key(0))
+    placed = [_global_batch(b, sharding) for b in batches]
+    for b in placed:  # every shape compiles here
+      state, m = step(state, b, jax.random.key(0))
     jax.block_until_ready(m)
   keys = [jax.random.key(i + 1) for i in range(steps)]
   with sw.timed():
-    for key in keys:
-      state, m = step(state, b, key)
+    for i, key in enumerate(keys):
+      state, m = step(state, placed[i % len(placed)], key)
     jax.block_until_ready((state, m))
   if sw.timing.compiles_in_timed:
-    raise RuntimeError("the timed training steps compiled: the step must be jitted once")
-  return batch["tokens"].size * steps / sw.timing.seconds, sw.timing.compile_seconds
+    raise RuntimeError("the timed training steps compiled: the step must be jitted once per shape")
+  tokens = sum(batches[i % len(batches)]["tokens"].size for i in range(steps))
+  return tokens / sw.timing.seconds, sw.timing.compile_seconds
 
 
-def _torch_train_tokens_per_s(torch_model, logits_of, batch, mask_id, steps):
-  """The same objective in PyTorch: t ~ U, p = (1-eps)t + eps, mask, CE/p at masked, AdamW."""
+def _torch_train_tokens_per_s(torch_model, logits_of, batch, mask_id, steps, window: int = 0):
+  """The same objective in PyTorch: t ~ U, p = (1-eps)t + eps, mask, CE/p at masked, AdamW.
+  window > 0: the loss (and the output layer, via logits_of(x, window)) on the last `window` positions."""
   import torch  # pylint: disable=import-outside-toplevel
   opt = torch.optim.AdamW(torch_model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.01)
   x0 = torch.tensor(batch["tokens"], dtype=torch.long)
@@ -63,9 +68,10 @@ def _torch_train_tokens_per_s(torch_model, logits_of, batch, mask_id, steps):
     p = (1 - 1e-3) * t + 1e-3
     masked = maskable & (torch.rand(x0.shape) < p[:, None])
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    logits = logits_of(xt)
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
-    loss = ((ce * masked).sum(-1) / p / n).mean()
+    logits = logits_of(xt, window)
+    target, m = (x0[:, -window:], masked[:, -window:]) if window else (x0, masked)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    loss = ((ce * m).sum(-1) / p / n).mean()
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
@@ -79,35 +85,65 @@ def _torch_train_tokens_per_s(torch_model, logits_of, batch, mask_id, steps):
 
 
 def bench_train(out: Path, steps: int = 10) -> list[dict]:
+  """Train-step throughput against PyTorch (same loss, model and AdamW), pretraining (every token
+  maskable) and conditional (a 16-token response window), plus the RAG reader's setting."""
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import BertForMaskedLM, LlamaConfig, LlamaForCausalLM  # pylint: disable=import-outside-toplevel
   rows = []
   rng = np.random.default_rng(0)
-  # LLaDA-shaped (bidirectional Llama) model.
   cfg = preset("tiny-llada", **BENCH_LLADA)
-  batch = {"tokens": rng.integers(0, cfg.vocab_size - 1, (8, 128)).astype(np.int32),
-           "maskable": np.ones((8, 128), bool)}
-  jax_tps, compile_s = _jax_train_tokens_per_s(MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(0)),
-                                               batch, steps)
   llama = LlamaForCausalLM(LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                                        intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.num_layers,
                                        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
                                        tie_word_embeddings=False, attn_implementation="sdpa"))
   full = torch.zeros((8, 1, 128, 128), dtype=torch.float32)
-  torch_tps = _torch_train_tokens_per_s(llama, lambda x: llama(input_ids=x, attention_mask=full).logits, batch,
-                                        cfg.mask_token_id, steps)
-  rows.append({"model": f"LLaDA-shaped {cfg.num_layers}x{cfg.hidden_size}, V={cfg.vocab_size}", "batch": "8x128",
-               "jax_tokens_per_s": round(jax_tps), "torch_tokens_per_s": round(torch_tps),
-               "jax_over_torch": round(jax_tps / torch_tps, 2), "jax_compile_s": round(compile_s, 1)})
-  # MiniLM warm start.
-  model, params = from_pretrained(minilm_path(), init_missing_head=True)
-  batch = {"tokens": rng.integers(1000, 30000, (8, 128)).astype(np.int32), "maskable": np.ones((8, 128), bool)}
-  jax_tps, compile_s = _jax_train_tokens_per_s(model, params, batch, steps)
   bert = BertForMaskedLM.from_pretrained(str(minilm_path()), local_files_only=True)
-  torch_tps = _torch_train_tokens_per_s(bert, lambda x: bert(input_ids=x).logits, batch, 103, steps)
-  rows.append({"model": "MiniLM-L6 (BERT, V=30522)", "batch": "8x128", "jax_tokens_per_s": round(jax_tps),
-               "torch_tokens_per_s": round(torch_tps), "jax_over_torch": round(jax_tps / torch_tps, 2),
-               "jax_compile_s": round(compile_s, 1)})
+  minilm, minilm_params = from_pretrained(minilm_path(), init_missing_head=True)
+
+  def bert_logits(x, window):
+    h = bert.bert(input_ids=x).last_hidden_state
+    return bert.cls(h[:, -window:] if window else h)
+
+  sides = [("LLaDA-shaped 4x256, V=8192", MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(0)),
+            lambda x, w: llama(input_ids=x, attention_mask=full, logits_to_keep=w).logits, llama, (0, cfg.vocab_size - 1),
+            cfg.mask_token_id),
+           ("MiniLM-L6 (BERT, V=30522)", minilm, minilm_params, bert_logits, bert, (1000, 30000), 103)]
+  for label, model, params, torch_logits, torch_model, (lo, hi), mask_id in sides:
+    for objective, window in (("pretraining (all 128 tokens masked-able)", 0), ("conditional (16-token response)", 16)):
+      maskable = np.ones((8, 128), bool) if not window else np.arange(128)[None].repeat(8, 0) >= 128 - window
+      batch = {"tokens": rng.integers(lo, hi, (8, 128)).astype(np.int32), "maskable": maskable}
+      jax_tps, compile_s = _jax_train_tokens_per_s(model, params, batch, steps,
+                                                   loss_window=[-window, window] if window else None)
+      torch_tps = _torch_train_tokens_per_s(torch_model, torch_logits, batch, mask_id, steps, window)
+      rows.append({"model": label, "objective": objective, "batch": "8x128", "jax_tokens_per_s": round(jax_tps),
+                   "torch_tokens_per_s": round(torch_tps), "jax_over_torch": round(jax_tps / torch_tps, 2),
+                   "jax_compile_s": round(compile_s, 1)})
+      print(rows[-1], flush=True)
+  rows += _bench_reader_batches(minilm, minilm_params, steps)
+  return rows
+
+
+def _bench_reader_batches(model, params, steps) -> list[dict]:
+  """The RAG reader's training batches before and after: every prompt padded to the budget with
+  the output layer on all positions, vs length buckets with the output layer on the answer only.
+  Prompt lengths follow SQuAD chunks (70-160 tokens)."""
+  from diffrag.data.pipeline import PairBatches, prompt_buckets  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  pairs = [(rng.integers(1000, 20000, int(rng.integers(70, 161))).tolist(), rng.integers(1000, 20000, 4).tolist())
+           for _ in range(256)]
+  rows = []
+  for label, buckets, window in (("padded to 160, head on every position", [160], None),
+                                 ("length buckets of 32, head on the 16-token answer", prompt_buckets(160, 32), [-16, 16])):
+    pb = PairBatches(pairs, batch_size=16, seed=0, buckets=buckets, response_len=16, pad_id=0, eos_id=102)
+    batches = [{k: v for k, v in pb.batch(i).items() if k != "attention_mask"} | {"attention_mask": pb.batch(i)["attention_mask"]}
+               for i in range(len(pb))]
+    real = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
+    tps, compile_s = _jax_train_tokens_per_s(model, params, None, steps * 2, loss_window=window, batches=batches)
+    per_batch = np.mean([b["tokens"].size for b in batches])
+    rows.append({"model": "MiniLM reader (SQuAD-like pairs)", "objective": label, "batch": "16 pairs",
+                 "jax_tokens_per_s": round(tps), "examples_per_s": round(16 * tps / per_batch, 1),
+                 "real_tokens_share": round(real / per_batch, 3), "jax_compile_s": round(compile_s, 1)})
+    print(rows[-1], flush=True)
   return rows
 
 
@@ -272,6 +308,137 @@ def bench_sampler(out: Path, prompt_len: int = 32) -> list[dict]:
   return rows
 
 
+def bench_encode(out: Path, data_dir: str | None = None, n_docs: int = 1500) -> list[dict]:
+  """Dense encoding (MiniLM, mean pooling, max 256 tokens, batch 64) of SciFact documents:
+  our Flax path against transformers' BertModel in PyTorch, same texts, embeddings compared."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import BertModel  # pylint: disable=import-outside-toplevel
+  from diffrag.data import data_dir as resolve, read_beir_corpus  # pylint: disable=import-outside-toplevel
+  from diffrag.retrieval import MiniLMEncoder  # pylint: disable=import-outside-toplevel
+  docs = read_beir_corpus(resolve(data_dir) / "scifact")[:n_docs]
+  texts = [f"{d['title']}\n{d['text']}" if d["title"] else d["text"] for d in docs]
+  enc = MiniLMEncoder(max_length=256, batch_size=64)
+  sw = Stopwatch()
+  with sw.warmup():
+    enc.encode(texts)  # every length bucket compiles here
+  with sw.timed():
+    ours = enc.encode(texts)
+  bert = BertModel.from_pretrained(str(minilm_path()), local_files_only=True).eval()
+
+  def torch_encode():
+    out_ = []
+    order = np.argsort([len(t) for t in texts])
+    for start in range(0, len(texts), 64):
+      batch = [texts[i] for i in order[start:start + 64]]
+      tok = enc.tokenizer(batch, padding="longest", truncation=True, max_length=256, return_tensors="pt")
+      with torch.no_grad():
+        h = bert(**tok).last_hidden_state
+      m = tok["attention_mask"][..., None].float()
+      e = (h * m).sum(1) / m.sum(1).clamp(min=1)
+      out_.append(torch.nn.functional.normalize(e, dim=-1).numpy())
+    emb = np.concatenate(out_)
+    result = np.empty_like(emb)
+    result[order] = emb
+    return result
+
+  torch_encode()
+  t0 = time.perf_counter()
+  ref = torch_encode()
+  torch_s = time.perf_counter() - t0
+  lengths = [min(256, len(enc.tokenizer(t)["input_ids"])) for t in texts]
+  flops = sum(2 * 21.3e6 * n + 4 * 6 * n * n * 384 for n in lengths)  # 2 x non-embedding params x tokens + attention
+  gemm = _gemm_gflops()
+  rows = [{"encoder": "all-MiniLM-L6-v2, mean pooling", "docs": len(texts), "ours_docs_per_s": round(len(texts) / sw.timing.seconds, 1),
+           "torch_docs_per_s": round(len(texts) / torch_s, 1), "ours_over_torch": round(torch_s / sw.timing.seconds, 2),
+           "min_cosine": round(float(np.min(np.sum(ours * ref, 1))), 6),
+           "ours_gflops": round(flops / sw.timing.seconds / 1e9, 1), "gemm_peak_gflops": round(gemm, 1),
+           "compile_s": round(sw.timing.compile_seconds, 1), "compiles_in_timed": sw.timing.compiles_in_timed}]
+  print(rows[-1], flush=True)
+  return rows
+
+
+def _gemm_gflops(n: int = 2048) -> float:
+  """A plain float32 n x n x n GEMM through XLA on this machine: the peak the forward is measured against."""
+  a = jax.random.normal(jax.random.key(0), (n, n))
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  t0 = time.perf_counter()
+  for _ in range(3):
+    jax.block_until_ready(f(a))
+  return 3 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e9
+
+
+def bench_ar(out: Path) -> list[dict]:
+  """Greedy decoding of a causal LM: our jitted KV-cached loop against transformers' generate
+  (KV cache, do_sample=False) on the same weights, tokens compared."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import LlamaConfig, LlamaForCausalLM  # pylint: disable=import-outside-toplevel
+  from diffrag.sampling.autoregressive import generate_ar  # pylint: disable=import-outside-toplevel
+  rows = []
+  for label, shape in (("tiny Llama 2x64, V=512", dict(vocab_size=512, hidden_size=64, intermediate_size=160,
+                                                        num_hidden_layers=2, num_attention_heads=4)),
+                       ("Llama-shaped 4x256, V=8192", dict(vocab_size=8192, hidden_size=256, intermediate_size=688,
+                                                           num_hidden_layers=4, num_attention_heads=4))):
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(LlamaConfig(**shape, num_key_value_heads=shape["num_attention_heads"],
+                                       max_position_embeddings=512, tie_word_embeddings=False,
+                                       bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+      ref.save_pretrained(tmp, safe_serialization=True)
+      model, params = from_pretrained(tmp)
+    for batch, new in ((1, 64), (1, 256), (8, 128)):
+      prompt = np.random.default_rng(0).integers(3, shape["vocab_size"], (batch, 32))
+      out_, compile_s, ours = _timed(lambda: generate_ar(model, params, prompt, jax.random.key(0),
+                                                         max_new_tokens=new, stop_ids=()), repeat=2)
+      with torch.no_grad():
+        run = lambda: ref.generate(torch.tensor(prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                   pad_token_id=0)
+        want = run()
+        t0 = time.perf_counter()
+        want = run()
+        torch_s = time.perf_counter() - t0
+      same = float(np.mean(np.asarray(out_.tokens)[:, 32:] == want.numpy()[:, 32:]))
+      rows.append({"model": label, "batch": batch, "prompt": 32, "new_tokens": new,
+                   "ours_tokens_per_s": round(batch * new / ours, 1), "torch_tokens_per_s": round(batch * new / torch_s, 1),
+                   "ours_over_torch": round(torch_s / ours, 2), "same_tokens": round(same, 3),
+                   "compile_s": round(compile_s, 1)})
+      print(rows[-1], flush=True)
+  return rows
+
+
+def bench_remat(out: Path, batch: int = 8, length: int = 2048) -> list[dict]:
+  """Compiled memory of the llada-1b train step at batch x length per remat policy (XLA's memory
+  analysis of the compiled step on abstract arrays: nothing is allocated), full softmax and tiled."""
+  from diffrag.experiment.timing import compiled_memory  # pylint: disable=import-outside-toplevel
+  from diffrag.models.transformer import param_shapes  # pylint: disable=import-outside-toplevel
+  from diffrag.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  from diffrag.diffusion import schedule as schedules  # pylint: disable=import-outside-toplevel
+  rows = []
+  base = preset("llada-1b")
+  optim = OptimConfig(lr=1e-4, warmup_steps=1)
+  tx = step_lib.make_optimizer(optim, 10)
+  abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  tokens = jax.ShapeDtypeStruct((batch, length), np.int32)
+  batch_ = {"tokens": tokens, "maskable": jax.ShapeDtypeStruct((batch, length), bool)}
+  for policy in ("none", "dots_saveable", "full"):
+    for tile in (0, 16384):
+      cfg = base.replace(remat=policy)
+      model = MaskedDiffusionTransformer(cfg)
+      params = param_shapes(cfg)
+      state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, optim, jax.random.key(0)), params)
+      step = step_lib.make_train_step(step_lib.model_apply_fn(model), tx, optim, mask_id=cfg.mask_token_id,
+                                      schedule=schedules.get("linear"), vocab_tile=tile)
+      t0 = time.perf_counter()
+      mem = compiled_memory(jax.jit(step).lower(abstract(state), batch_, jax.random.key(0)))
+      rows.append({"model": f"llada-1b ({base.num_layers}x{base.hidden_size}, V={base.vocab_size})",
+                   "batch": f"{batch}x{length}", "remat": policy, "vocab_tile": tile or "none (full softmax)",
+                   "temp_GB": round(mem.get("temp", 0) / 2**30, 2), "arguments_GB": round(mem.get("arguments", 0) / 2**30, 2),
+                   "compile_s": round(time.perf_counter() - t0, 1)})
+      print(rows[-1], flush=True)
+  return rows
+
+
 def synthetic_docids(n: int, kind: str, *, length: int = 16, vocab: int = 30522, eos: int = 102,
                      seed: int = 0) -> np.ndarray:
   """[n, length] unique DocIDs shaped like real ones. title: 1-14 word-piece tokens drawn from a
@@ -399,12 +566,20 @@ print(json.dumps({{"ms_per_query": 1000 * sw.timing.seconds / q, "invalid": int(
            "index_build_s": "", "devices": 8}]
 
 
-def main(out: str = "bench", only: str | None = None) -> None:
+def main(out: str = "bench", only: str | None = None, data_dir: str | None = None) -> None:
   out_dir = Path(out)
-  sections = {"sampler": bench_sampler, "train": bench_train, "gr": bench_gr}
+  sections = {"sampler": bench_sampler, "train": bench_train, "encode": bench_encode, "remat": bench_remat,
+              "ar": bench_ar, "gr": bench_gr}
+  if only and only not in sections:
+    raise ValueError(f"unknown benchmark section {only!r}; expected one of {list(sections)}")
+  walls = {}
   for name, fn in sections.items():
     if only and name != only:
       continue
-    rows = fn(out_dir)
+    t0 = time.perf_counter()
+    rows = fn(out_dir, data_dir) if name == "encode" else fn(out_dir)
+    walls[name] = time.perf_counter() - t0
     print(f"\n## {name}\n")
     print(write_table(rows, out_dir, name))
+  from diffrag.experiment.provenance import write_manifest  # pylint: disable=import-outside-toplevel
+  write_manifest(out_dir, config={"sections": list(walls), "only": only, "data_dir": data_dir}, wall_times=walls)

@@ -124,3 +124,17 @@ def test_randomization_test_agrees_with_ranx_fisher():
     ours = stats.randomization_p(b - a, n_perm=4000)
     ref, _ = fisher_randomization_test(a, b, 4000, 0.05, 42)
     assert abs(ours - ref) < 0.04, (shift, ours, ref)
+
+
+def test_every_shipped_config_loads():
+  """configs/*.yaml parse into their typed configs (unknown keys and wrong types would raise)."""
+  from pathlib import Path
+  from diffrag import config as config_lib
+  from diffrag.gr.pipeline import GRConfig
+  from diffrag.rag.pipeline import RagConfig
+  from diffrag.train.loop import TrainConfig
+  files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+  assert len(files) >= 10
+  for f in files:
+    cls = RagConfig if f.name.startswith("rag_") else GRConfig if f.name.startswith("gr_") else TrainConfig
+    config_lib.load(cls, f)

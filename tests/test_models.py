@@ -281,3 +281,48 @@ def test_bad_model_config_fields():
     preset("tiny-llada", n_layers=3)
   with pytest.raises(ConfigError, match="unknown model preset"):
     preset("gpt-5")
+
+
+def test_copy_logits_match_a_pointer_written_out_by_hand():
+  from diffrag.models.transformer import copy_logits
+  rng = np.random.default_rng(0)
+  b, n, l, d, v, eos = 2, 3, 7, 8, 12, 1
+  q, k = rng.normal(size=(b, n, d)).astype(np.float32), rng.normal(size=(b, l, d)).astype(np.float32)
+  ids = rng.integers(2, 6, size=(b, l)).astype(np.int32)   # repeated tokens: their scores add up
+  copyable = rng.random((b, l)) < 0.7
+  copyable[:, 0] = True
+  eos_logit = rng.normal(size=(b, n)).astype(np.float32)
+  got = np.asarray(copy_logits(jnp.asarray(q), jnp.asarray(k), jnp.asarray(ids), jnp.asarray(copyable),
+                               jnp.asarray(eos_logit), eos, v))
+  for bi in range(b):
+    for i in range(n):
+      s = q[bi, i] @ k[bi].T / np.sqrt(d)
+      for tok in range(v):
+        if tok == eos:
+          want = eos_logit[bi, i]
+        else:
+          hit = [j for j in range(l) if copyable[bi, j] and ids[bi, j] == tok]
+          want = np.log(np.exp(s[hit]).sum()) if hit else -np.inf
+        np.testing.assert_allclose(got[bi, i, tok], want, rtol=1e-5, atol=1e-5)
+
+
+def test_copy_head_points_only_at_the_context_and_round_trips(tmp_path):
+  cfg = preset("tiny-bert").replace(copy_head=True)
+  params = init_params(cfg, jax.random.key(3))
+  model = MaskedDiffusionTransformer(cfg)
+  ids = _ids(batch=2, length=12, seed=4, vocab=cfg.vocab_size)
+  ids[:, 8:] = cfg.mask_token_id                 # the answer window
+  logits = np.asarray(model.apply({"params": params}, jnp.asarray(ids), output_window=(8, 4)))
+  assert logits.shape == (2, 4, cfg.vocab_size)
+  for bi in range(2):
+    context = set(ids[bi, :8].tolist()) - {cfg.mask_token_id, cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id}
+    finite = set(np.flatnonzero(np.isfinite(logits[bi, 0])).tolist())
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else 0
+    assert finite == context | {eos}
+  # the weights and the switch survive export (the switch in the sidecar; BERT's config cannot say it)
+  save_pretrained(cfg, params, tmp_path / "c")
+  assert json.loads((tmp_path / "c" / "diffrag_config.json").read_text())["copy_head"] is True
+  loaded_model, loaded = from_pretrained(tmp_path / "c")
+  assert loaded_model.config.copy_head
+  np.testing.assert_array_equal(np.asarray(loaded_model.apply({"params": loaded}, jnp.asarray(ids), output_window=(8, 4))),
+                                logits)

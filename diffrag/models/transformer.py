@@ -471,12 +471,14 @@ class MaskedDiffusionTransformer(nn.Module):
           copyable = copyable & (input_ids != special)
       q = _dense(cfg, cfg.hidden_size, ("embed", None), False, "copy_q")(x)
       k = _dense(cfg, cfg.hidden_size, ("embed", None), False, "copy_k")(keys)
-      vocab_logits = embed.attend(x)
+      eos = cfg.eos_token_id if cfg.eos_token_id is not None else 0
+      # the vocabulary head's logit, for EOS only (the rest of the vocabulary is not computed)
+      eos_logit = jnp.einsum("bnd,d->bn", x, embed.embedding[eos].astype(x.dtype))
       if cfg.head == "mlm":
         bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                           (cfg.vocab_size,), cfg.weight_dtype)
-        vocab_logits = vocab_logits + bias.astype(vocab_logits.dtype)
-      logits = copy_logits(q, k, input_ids, copyable, vocab_logits, cfg.eos_token_id)
+        eos_logit = eos_logit + bias[eos].astype(eos_logit.dtype)
+      logits = copy_logits(q, k, input_ids, copyable, eos_logit, eos, cfg.vocab_size)
       return_features = False
     elif return_features:
       # what the output projection (`output_projection`) multiplies: [B, L or n, D]
@@ -500,13 +502,14 @@ class MaskedDiffusionTransformer(nn.Module):
     return outputs if len(outputs) > 1 else outputs[0]
 
 
-def copy_logits(q: Array, k: Array, input_ids: Array, copyable: Array, vocab_logits: Array, eos_id: int | None):
+def copy_logits(q: Array, k: Array, input_ids: Array, copyable: Array, eos_logit: Array, eos_id: int,
+                vocab_size: int):
   """Logits of a copy head (a pointer over the input, written as a distribution over the vocabulary).
 
   s_ij = <q_i, k_j> / sqrt(D) for copyable positions j (the context: not masked, not special,
   before the answer window); logit_i(v) = log sum_{j: x_j = v} exp(s_ij) (-inf for tokens not
-  in the context), and logit_i(EOS) = the vocabulary head's (vocab_logits[..., EOS]).
-  q: [B, n, D]; k: [B, L, D]; input_ids, copyable: [B, L]; vocab_logits: [B, n, V] -> [B, n, V].
+  in the context), and logit_i(EOS) = the vocabulary head's EOS logit (eos_logit).
+  q: [B, n, D]; k: [B, L, D]; input_ids, copyable: [B, L]; eos_logit: [B, n] -> [B, n, V].
   """
   b, n, d = q.shape
   s = jnp.einsum("bnd,bld->bnl", q.astype(jnp.float32), k.astype(jnp.float32)) / np.sqrt(d)
@@ -517,11 +520,9 @@ def copy_logits(q: Array, k: Array, input_ids: Array, copyable: Array, vocab_log
   rows = jnp.arange(b)[:, None, None]
   pos = jnp.arange(n)[None, :, None]
   tok = jnp.broadcast_to(input_ids[:, None, :], e.shape)
-  sums = jnp.zeros((b, n, vocab_logits.shape[-1]), jnp.float32).at[rows, pos, tok].add(e)
+  sums = jnp.zeros((b, n, vocab_size), jnp.float32).at[rows, pos, tok].add(e)
   logits = jnp.where(sums > 0, jnp.log(jnp.maximum(sums, 1e-30)) + m, -jnp.inf)
-  if eos_id is not None:
-    logits = logits.at[..., eos_id].set(vocab_logits[..., eos_id].astype(jnp.float32))
-  return logits.astype(vocab_logits.dtype)
+  return logits.at[..., eos_id].set(eos_logit.astype(jnp.float32)).astype(q.dtype)
 
 
 def output_projection(cfg: ModelConfig, params) -> tuple[Array, Array | None]:

@@ -83,6 +83,8 @@ class ReaderSpec:
   warmup_steps: int = 30
   extractive: bool = True         # answer with words of the passages only (training softmax and decoding
                                   # restricted to the prompt's tokens + EOS)
+  copy_head: bool = True          # a pointer over the prompt as the output distribution (`ModelConfig.copy_head`)
+  schedule: str = "linear"        # masking schedule of training: linear | cosine | polyK (poly0.5 masks more)
   bucket: int = 32                # prompts are bucketed by length in steps of this many tokens
   seed: int = 0
   store: str = "outputs/artefacts"
@@ -293,16 +295,18 @@ def reader_request(cfg: RagConfig, train, train_info: dict, spec: PromptSpec) ->
                      "reader.train_data to a QA set with answers, or lower data.holdout")
   pairs, pair_stats, used = _training_prompts(cfg, train, tok, spec)
   g, rd = cfg.generation.gen_length, cfg.reader
-  tcfg = TrainConfig(model=ModelSpec(init="minilm"),
+  tcfg = TrainConfig(model=ModelSpec(init="minilm", overrides={"copy_head": rd.copy_head}),
                      optim=OptimConfig(lr=rd.lr, warmup_steps=rd.warmup_steps, schedule="cosine", weight_decay=0.01),
                      train=LoopSpec(steps=rd.train_steps, batch_size=rd.batch_size, seed=rd.seed, log_every=25,
-                                    checkpoint_every=max(50, rd.train_steps // 6), export=True, loss_window=[-g, g]),
+                                    checkpoint_every=max(50, rd.train_steps // 6), export=True, loss_window=[-g, g],
+                                    schedule=rd.schedule),
                      mesh=MeshSpec(data=1))
   flat = np.concatenate([np.asarray(p + [-1] + a + [-2], np.int64) for p, a in pairs])
   art_spec = {"recipe": RECIPE, "init": "all-MiniLM-L6-v2", "tokenizer": "all-MiniLM-L6-v2",
               "train_data": {k: train_info.get(k) for k in ("name", "file_fingerprint", "holdout_of")},
               "prompt": spec, "distractors": rd.distractors, "retriever": "dense", "max_chars": cfg.retrieval.max_chars,
-              "answer_canvas": g, "bucket": rd.bucket, "extractive": rd.extractive, "pairs": array_digest(flat),
+              "answer_canvas": g, "bucket": rd.bucket, "extractive": rd.extractive, "copy_head": rd.copy_head,
+              "pairs": array_digest(flat),
               "n_pairs": len(pairs), "optim": tcfg.optim, "train": tcfg.train}
   return ReaderRequest(art_spec, pairs, pair_stats, used, tcfg, tok)
 

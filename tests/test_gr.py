@@ -76,7 +76,7 @@ def _view(canvas, logits, mask_id):
                     step=jnp.int32(0), num_steps=canvas.shape[1], extras={})
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 10_000), per_step=st.integers(1, 4), score=st.sampled_from(["conf", "random"]))
 def test_constrained_decoding_always_yields_a_valid_docid(seed, per_step, score):
   """Random logits, random or confidence commit order, several commits per step: always a DocID."""
@@ -102,7 +102,7 @@ def test_constrained_decoding_always_yields_a_valid_docid(seed, per_step, score)
   assert (table.decode(np.asarray(canvas)) >= 0).all()
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000), chunk=st.integers(1, 64))
 def test_index_equals_brute_force(seed, chunk):
   """Segment search over the sorted table == the dense definition, for any chunk size: the

@@ -77,17 +77,17 @@ def test_fast_dllm_threshold_parity(llada, tau):
 def test_num_transfer_tokens_equals_llada_quota():
   """The stateless quota ceil(m_i / (S - i)) reproduces get_num_transfer_tokens step by step."""
   quota = jax.jit(T.llada_quota)
-  ms = np.arange(1, 40)                                   # one row per masked count m
+  ms = np.arange(1, 40)                                   # one row per masked count m (one shape: one compile)
   for steps in range(1, 40):
-    rows = ms[ms >= steps]
-    table = ref_lib.num_transfer_tokens(torch.arange(40)[None, :] < torch.as_tensor(rows)[:, None], steps).numpy()
-    left = rows.copy()
+    rows = ms >= steps                                    # the reference's domain: m >= S
+    table = ref_lib.num_transfer_tokens(torch.arange(40)[None, :] < torch.as_tensor(ms[rows])[:, None], steps).numpy()
+    left = ms.copy()
     for i in range(steps):
       view = _view(np.arange(40)[None, :] < left[:, None], step=i, num_steps=steps)
       k = np.asarray(quota(view))
-      np.testing.assert_array_equal(k, table[:, i])
+      np.testing.assert_array_equal(k[rows], table[:, i])
       left = left - k
-    assert (left == 0).all()
+    assert (left[rows] == 0).all()
 
 
 def _view(is_masked, step=0, num_steps=1, logits=None, score=None):

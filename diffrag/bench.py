@@ -21,6 +21,7 @@ import numpy as np
 from diffrag.models import from_pretrained, init_params, minilm_path, preset
 from diffrag.models.transformer import MaskedDiffusionTransformer
 from diffrag.parallel import mesh as mesh_lib
+from diffrag.experiment.provenance import write_manifest
 from diffrag.experiment.timing import Stopwatch
 from diffrag.report import write_table
 from diffrag.train.loop import LoopSpec, MeshSpec, TrainConfig, _global_batch, compile_step
@@ -581,5 +582,6 @@ def main(out: str = "bench", only: str | None = None, data_dir: str | None = Non
     walls[name] = time.perf_counter() - t0
     print(f"\n## {name}\n")
     print(write_table(rows, out_dir, name))
-  from diffrag.experiment.provenance import write_manifest  # pylint: disable=import-outside-toplevel
-  write_manifest(out_dir, config={"sections": list(walls), "only": only, "data_dir": data_dir}, wall_times=walls)
+    # one manifest per section (sections are rerun one at a time with --only)
+    write_manifest(out_dir / "manifests" / name, config={"section": name, "data_dir": data_dir},
+                   wall_times={name: walls[name]})

@@ -366,3 +366,33 @@ def test_ir_builder_reads_beir_and_tsv_layouts(tmp_path):
   assert qrels == {"dev": {"100": {"0": 1}}}
   with pytest.raises(FileNotFoundError, match="does not exist"):
     ir_records(tmp_path, "nothing", "beir", tmp_path / "cache")
+
+
+def test_code_rows_start_learnt_codes_near_their_documents_words():
+  from diffrag.gr.docids import code_rows, extend_vocab
+  from diffrag.models import init_params, preset
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(40, 8)).astype(np.float32)
+  # documents 0-4 use words 0-9, documents 5-9 words 20-29; code token 40 + c
+  words = [rng.integers(0, 10, 6).tolist() for _ in range(5)] + [rng.integers(20, 30, 6).tolist() for _ in range(5)]
+  codes = np.array([[40 + (d >= 5), 42 + d] for d in range(10)])
+  table = DocIDTable(codes, tuple(map(str, range(10))), "rq", {"new_tokens": 13})
+  rows = code_rows(table, words, emb, 13, 40)
+  assert rows.shape == (13, 8) and np.isnan(rows[12]).all()          # no document carries token 52
+  centre = emb.mean(0)
+  cos = lambda a, b: float((a - centre) @ (b - centre) / np.linalg.norm(a - centre) / np.linalg.norm(b - centre))
+  assert cos(rows[0], emb[0:10].mean(0)) > cos(rows[0], emb[20:30].mean(0))
+  assert cos(rows[1], emb[20:30].mean(0)) > cos(rows[1], emb[0:10].mean(0))
+  norm = np.linalg.norm(emb - centre, axis=1).mean()
+  np.testing.assert_allclose(np.linalg.norm(rows[:12] - centre, axis=1), norm, rtol=1e-5)
+  # extend_vocab takes them (noise aside) and keeps the mean where a row is NaN
+  cfg = preset("tiny-bert")
+  params = init_params(cfg, jax.random.key(0))
+  d = cfg.hidden_size
+  given = np.full((3, d), np.nan, np.float32)
+  given[0] = 5.0
+  new_cfg, grown = extend_vocab(cfg, params, 3, rows=given)
+  table_ = np.asarray(grown["embed"]["embedding"])
+  assert new_cfg.vocab_size == cfg.vocab_size + 3
+  assert np.abs(table_[cfg.vocab_size] - 5.0).max() < 0.1
+  np.testing.assert_allclose(table_[cfg.vocab_size + 1], np.asarray(params["embed"]["embedding"]).mean(0), atol=0.1)

@@ -160,12 +160,13 @@ def rq_docids(embeddings: np.ndarray, doc_ids: Sequence[str], *, levels: int = 3
   return DocIDTable(tokens, tuple(doc_ids), "rq", stats)
 
 
-def extend_vocab(cfg, params: dict, n_new: int, seed: int = 0):
+def extend_vocab(cfg, params: dict, n_new: int, seed: int = 0, rows: np.ndarray | None = None):
   """Adds n_new tokens at the end of the vocabulary: (new config, new params).
 
   New embedding rows (and untied output rows) are the mean of the pretrained rows plus
   small noise (std 0.01 of the rows' std), so they start as 'an average token' that
-  training can tell apart; MLM output biases start at the mean bias.
+  training can tell apart; MLM output biases start at the mean bias. rows: [n_new, D]
+  optional starting rows instead of the mean (NaN rows keep the mean), e.g. `code_rows`.
   """
   if n_new <= 0:
     return cfg, params
@@ -177,7 +178,11 @@ def extend_vocab(cfg, params: dict, n_new: int, seed: int = 0):
     shape = list(table.shape)
     shape[axis] = n_new
     noise = rng.normal(0, 0.01 * float(table.std()), shape).astype(table.dtype)
-    return jnp.asarray(np.concatenate([table, np.broadcast_to(mean, shape) + noise], axis=axis))
+    start = np.broadcast_to(mean, shape)
+    if rows is not None and table.ndim == 2:
+      given = rows if axis == 0 else rows.T
+      start = np.where(np.isnan(given), start, given).astype(table.dtype)
+    return jnp.asarray(np.concatenate([table, start + noise], axis=axis))
 
   params = jax.tree_util.tree_map(lambda x: x, params)  # shallow copy of the nesting
   params = dict(params)
@@ -187,3 +192,33 @@ def extend_vocab(cfg, params: dict, n_new: int, seed: int = 0):
   if "mlm_bias" in params:
     params["mlm_bias"] = grow(params["mlm_bias"], 0)
   return cfg.replace(vocab_size=cfg.vocab_size + n_new), params
+
+
+def code_rows(table: DocIDTable, doc_tokens: Sequence[Sequence[int]], embedding: np.ndarray, n_new: int,
+              base_token: int) -> np.ndarray:
+  """Starting embedding rows of learnt DocID tokens from the documents that carry them: [n_new, D].
+
+  Row of code token c = the mean over the documents d with c in their DocID of e(d), the mean
+  pretrained embedding of d's tokens (doc_tokens[d], e.g. its title and first words), rescaled
+  to the mean norm of the pretrained rows. A code then starts near the words of its cluster, so
+  the first steps already separate codes by topic instead of starting from one 'average token'.
+  Tokens no document carries get NaN (`extend_vocab` keeps the mean there).
+  """
+  embedding = np.asarray(embedding, np.float32)
+  doc_emb = np.stack([embedding[np.asarray(t, np.int64)].mean(0) if len(t) else embedding.mean(0)
+                      for t in doc_tokens])                                         # [N, D]
+  sums = np.zeros((n_new, embedding.shape[1]), np.float64)
+  counts = np.zeros(n_new, np.int64)
+  for pos in range(table.codes.shape[1]):
+    code = table.codes[:, pos] - base_token
+    ok = (code >= 0) & (code < n_new)
+    np.add.at(sums, code[ok], doc_emb[ok])
+    np.add.at(counts, code[ok], 1)
+  out = np.full((n_new, embedding.shape[1]), np.nan, np.float32)
+  seen = counts > 0
+  out[seen] = sums[seen] / counts[seen, None]
+  # centre on the pretrained mean and restore a typical row's norm: codes differ by topic
+  centred = out[seen] - embedding.mean(0)
+  norm = np.linalg.norm(embedding - embedding.mean(0), axis=1).mean()
+  out[seen] = embedding.mean(0) + centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-6) * norm
+  return out

@@ -40,7 +40,7 @@ from diffrag.experiment.provenance import array_digest, fingerprint, write_manif
 from diffrag.experiment.store import ArtefactStore
 from diffrag.experiment.timing import Stopwatch
 from diffrag.gr import decode as D
-from diffrag.gr.docids import DocIDTable, extend_vocab, linguistic_docids, rq_docids
+from diffrag.gr.docids import DocIDTable, code_rows, extend_vocab, linguistic_docids, rq_docids
 from diffrag.report import pyplot, save_figure, write_table
 from diffrag.retrieval import trec
 
@@ -65,6 +65,8 @@ class DocIDSpec:
   max_tokens: int = 16             # linguistic canvas
   levels: int = 3                  # rq
   codes: int = 64
+  code_init: str = "mean"          # rq: new code tokens start at the mean token (mean) or at the mean
+                                   # embedding of the words of the documents carrying them (content)
   seed: int = 0
 
 
@@ -251,6 +253,15 @@ def _train(cfg: GRConfig, model, params, tok, pairs, table: DocIDTable, *, objec
   return trained, trained_params, art.record(reused)
 
 
+def _docid_key(spec: DocIDSpec) -> dict:
+  """The DocID spec as it enters artefact keys; the default code_init is left out, so keys made
+  before the field existed still match (it only matters for learnt codes)."""
+  key = dataclasses.asdict(spec)
+  if key["code_init"] == "mean":
+    key.pop("code_init")
+  return key
+
+
 def _docid_table(cfg: GRConfig, corpus, tok, model, params, dense, store: ArtefactStore):
   """(table, model, params, artefact record or None): linguistic DocIDs, or RQ codes (an artefact)
   with the vocabulary extended by one token per code."""
@@ -277,7 +288,15 @@ def _docid_table(cfg: GRConfig, corpus, tok, model, params, dense, store: Artefa
                       base_token=vocab, seed=cfg.docids.seed)
     np.savez(art.path / "codes.npz", codes=table.codes, stats=json.dumps(table.stats))
     store.finish(art, {"wall_seconds": round(time.perf_counter() - t0, 1), **table.stats})
-  new_cfg, params = extend_vocab(model.config, params, table.stats["new_tokens"], seed=cfg.docids.seed)
+  n_new = table.stats["new_tokens"]
+  rows = None
+  if cfg.docids.code_init == "content":
+    words = [tok(f"{title} {text}", add_special_tokens=False, truncation=True, max_length=64)["input_ids"]
+             for title, text in zip(corpus.titles, corpus.texts)]
+    rows = code_rows(table, words, np.asarray(params["embed"]["embedding"]), n_new, vocab)
+  elif cfg.docids.code_init != "mean":
+    raise ValueError(f"docids.code_init={cfg.docids.code_init!r}; expected mean or content")
+  new_cfg, params = extend_vocab(model.config, params, n_new, seed=cfg.docids.seed, rows=rows)
   return table, type(model)(new_cfg), params, art.record(reused)
 
 
@@ -331,7 +350,7 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   flat = np.concatenate([np.asarray(p + [-1] + c + [-2], np.int64) for p, c in pairs])
   spec = {"recipe": RECIPE, "init": str(cfg.model.checkpoint or "all-MiniLM-L6-v2"), "dtype": cfg.model.dtype,
           "lora_rank": cfg.model.lora_rank, "data": info | {"eval_split": cfg.data.eval_split},
-          "docids": dataclasses.asdict(cfg.docids), "table": array_digest(table.codes),
+          "docids": _docid_key(cfg.docids), "table": array_digest(table.codes),
           "index_with_title": cfg.train.index_with_title, "pseudo_queries": cfg.train.pseudo_queries,
           "query_repeat": cfg.train.query_repeat, "query_tokens": cfg.train.query_tokens,
           "docid_vocab": cfg.train.docid_vocab,

@@ -38,6 +38,12 @@ def test_greedy_equals_transformers_generate(causal):
   out = generate_ar(model, params, ids, jax.random.key(0), max_new_tokens=12, attention_mask=mask,
                     stop_ids=stop_ids_of(path, model.config))
   np.testing.assert_array_equal(np.asarray(out.tokens)[:, :want.shape[1]], want)
+  # a second call with the same settings runs the compiled loop (the default transform is one object)
+  from diffrag.experiment.timing import count_compiles
+  with count_compiles() as compiled:
+    jax.block_until_ready(generate_ar(model, params, ids, jax.random.key(1), max_new_tokens=12, attention_mask=mask,
+                                      stop_ids=stop_ids_of(path, model.config)).tokens)
+  assert compiled["count"] == 0
 
 
 def test_beam_search_equals_transformers(causal):

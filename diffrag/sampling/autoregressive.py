@@ -160,6 +160,9 @@ def _prepare(model, prompt, attention_mask, max_new_tokens):
   return jnp.asarray(prompt, jnp.int32), jnp.asarray(mask, jnp.int32)
 
 
+_GREEDY = T.greedy()  # one object: the transform is a static argument of the jitted loop
+
+
 def generate_ar(model, params, prompt, key: Array, *, max_new_tokens: int, transform: T.ScoreTransform | None = None,
                 attention_mask=None, stop_ids=(), pad_id: int | None = None, extras: dict | None = None) -> ARSample:
   """Generates up to `max_new_tokens` per row (see the module doc); transform: a chain ending
@@ -168,7 +171,7 @@ def generate_ar(model, params, prompt, key: Array, *, max_new_tokens: int, trans
   pad = pad_id if pad_id is not None else (model.config.pad_token_id if model.config.pad_token_id is not None
                                            else (stop_ids[0] if stop_ids else 0))
   return _generate(params, prompt, mask, key, dict(extras or {}), model=model,
-                   transform=transform or T.greedy(), max_new=max_new_tokens, stop=tuple(int(s) for s in stop_ids),
+                   transform=transform or _GREEDY, max_new=max_new_tokens, stop=tuple(int(s) for s in stop_ids),
                    pad_id=int(pad))
 
 

@@ -136,14 +136,13 @@ def _bench_reader_batches(model, params, steps) -> list[dict]:
   for label, buckets, window in (("padded to 160, head on every position", [160], None),
                                  ("length buckets of 32, head on the 16-token answer", prompt_buckets(160, 32), [-16, 16])):
     pb = PairBatches(pairs, batch_size=16, seed=0, buckets=buckets, response_len=16, pad_id=0, eos_id=102)
-    batches = [{k: v for k, v in pb.batch(i).items() if k != "attention_mask"} | {"attention_mask": pb.batch(i)["attention_mask"]}
-               for i in range(len(pb))]
+    batches = [pb.batch(i) for i in range(len(pb))]
     real = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
     tps, compile_s = _jax_train_tokens_per_s(model, params, None, steps * 2, loss_window=window, batches=batches)
     per_batch = np.mean([b["tokens"].size for b in batches])
     rows.append({"model": "MiniLM reader (SQuAD-like pairs)", "objective": label, "batch": "16 pairs",
-                 "jax_tokens_per_s": round(tps), "examples_per_s": round(16 * tps / per_batch, 1),
-                 "real_tokens_share": round(real / per_batch, 3), "jax_compile_s": round(compile_s, 1)})
+                 "jax_tokens_per_s": round(tps), "examples_per_s": round(float(16 * tps / per_batch), 1),
+                 "real_tokens_share": round(float(real / per_batch), 3), "jax_compile_s": round(compile_s, 1)})
     print(rows[-1], flush=True)
   return rows
 

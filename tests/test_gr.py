@@ -313,6 +313,8 @@ def test_gr_pipeline_end_to_end_counts_bad_records(tmp_path, capsys):
   assert rows["diffusion_T6_constrained"]["forward_passes"] >= 6 and summary["index_input"] == "body"
   lines = (tmp_path / "out" / "run.trec").read_text().splitlines()
   assert lines and all(len(x.split()) == 6 for x in lines)
+  assert summary["default_run"] == "beam_B2"  # decode.default
+  assert (tmp_path / "out" / "run.trec").read_text() == (tmp_path / "out" / "run_beam_B2.trec").read_text()
   manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
   assert {a["kind"] for a in manifest["artefacts"]} == {"diffusion", "ar"} or len(manifest["artefacts"]) == 2
   m = trec.evaluate({"q1": ["d1", "ghost"]}, {"q1": {"d1": 1}}, known_docs={"d1"})
@@ -325,6 +327,22 @@ def test_gr_pipeline_end_to_end_counts_bad_records(tmp_path, capsys):
          progress=False)
   out = capsys.readouterr().out
   assert "building it" in out and "index_with_title" in out
+  # the masking schedule makes a new diffusion retriever; the AR twin (nothing masked) is reused
+  run_gr(config_lib.load(GRConfig, None, _gr_overrides(tmp_path) + ["train.schedule=poly0.5"]), progress=False)
+  out = capsys.readouterr().out
+  assert out.count("building it") == 1 and out.count("reusing the artefact") == 1 and "schedule" in out
+  with pytest.raises(ValueError, match="unknown masking schedule 'quadratic'"):
+    run_gr(config_lib.load(GRConfig, None, _gr_overrides(tmp_path) + ["train.schedule=quadratic"]), progress=False)
+
+
+def test_default_mode_names_the_modes_a_config_runs():
+  from diffrag.gr.pipeline import GRDecode, default_mode
+  assert default_mode(GRDecode(beam=5)) == "beam_B5"
+  assert default_mode(GRDecode(default="one_pass", one_pass=100)) == "one_pass_top100"
+  assert default_mode(GRDecode(default="T4", steps=[1, 4])) == "diffusion_T4_constrained"
+  assert default_mode(GRDecode(default="T4", steps=[4], constrained=False)) == "diffusion_T4"
+  with pytest.raises(ValueError, match=r"decode.default='beam'.*'one_pass'"):
+    default_mode(GRDecode(beam=0, pseudo_beam=0, steps=[]))
 
 
 def test_gr_zero_shot_folder_and_empty_documents(tmp_path):

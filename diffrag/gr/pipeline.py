@@ -35,6 +35,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from diffrag.diffusion import schedule as schedules
 from diffrag.experiment import stats
 from diffrag.experiment.provenance import array_digest, fingerprint, write_manifest
 from diffrag.experiment.store import ArtefactStore
@@ -92,6 +93,9 @@ class GRTrain:
                                    # with it); decoding is restricted to them too
   vocab_tile: int = 0              # > 0: cross-entropy in vocabulary tiles (no [tokens, V] logits; 7B vocabularies)
   remat: str = "none"              # rematerialisation policy of each layer (none | full | dots_saveable | ...)
+  schedule: str = "linear"         # masking schedule of the diffusion objective: linear | cosine | polyK
+                                   # (poly0.5: p_mask = t^0.5, more training near the fully masked canvas
+                                   # that one-pass scoring and the first decoding steps see)
   ar_steps: int | None = None      # autoregressive twin: None = the same steps as diffusion, 0 = skip
   seed: int = 0
   store: str = "outputs/artefacts"
@@ -110,6 +114,8 @@ class GRDecode:
   elbo_rerank: int = 0             # re-rank this many one-pass candidates by the MC ELBO (0 = off)
   batch_size: int = 32
   compare_to: str = "bm25"         # every row's paired difference is against this row
+  default: str = "beam"            # the mode written to run.trec: beam | one_pass | pseudo_beam | T<steps>
+                                   # (chosen before evaluation, never by the test score)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +237,9 @@ def _train(cfg: GRConfig, model, params, tok, pairs, table: DocIDTable, *, objec
                                        b2=0.98, lora_rank=cfg.model.lora_rank),
                      train=LoopSpec(steps=steps, batch_size=tr.batch_size, seed=tr.seed, log_every=25,
                                     checkpoint_every=max(50, steps // 6), export=True, loss_window=[-lc, lc],
-                                    objective=objective, vocab_tile=tr.vocab_tile, remat=tr.remat),
+                                    objective=objective, vocab_tile=tr.vocab_tile, remat=tr.remat,
+                                    # the AR objective masks nothing: its key never depends on the schedule
+                                    schedule=tr.schedule if objective == "diffusion" else "linear"),
                      mesh=MeshSpec(data=1))
   store = ArtefactStore(tr.store)
   art = store.get(f"{objective}_retriever", {**spec, "objective": objective, "optim": tcfg.optim, "train": tcfg.train})
@@ -303,9 +311,23 @@ def _docid_table(cfg: GRConfig, corpus, tok, model, params, dense, store: Artefa
 # ------------------------------------------------------------------------------- run
 
 
+def default_mode(dec: GRDecode) -> str:
+  """The method name of the row `decode.default` selects (an error naming the modes this config runs)."""
+  modes = {"beam": f"beam_B{dec.beam}" if dec.beam else None,
+           "one_pass": f"one_pass_top{dec.one_pass}" if dec.one_pass else None,
+           "pseudo_beam": f"pseudo_beam_B{dec.pseudo_beam}" if dec.pseudo_beam else None,
+           **{f"T{t}": f"diffusion_T{t}{'_constrained' if dec.constrained else ''}" for t in dec.steps}}
+  if modes.get(dec.default) is None:
+    raise ValueError(f"decode.default={dec.default!r} is not a mode this config runs; choose one of "
+                     f"{sorted(k for k, v in modes.items() if v)}")
+  return modes[dec.default]
+
+
 def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   from diffrag.models import from_pretrained, load_tokenizer, minilm_path  # pylint: disable=import-outside-toplevel
   from diffrag.retrieval import BM25Retriever, Corpus, DenseRetriever, default_encoder  # pylint: disable=import-outside-toplevel
+  default = default_mode(cfg.decode)
+  schedules.get(cfg.train.schedule)  # an unknown schedule fails here, before any work
   out = Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   walls: dict[str, float] = {}
@@ -456,7 +478,8 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
            samples=b, train_rec=a_record)
     walls["decode_ar"] = time.perf_counter() - t0
   _compare_rows(rows, per_query, cfg.decode.compare_to)
-  default = next((r["method"] for r in rows if r["method"].startswith("beam_")), rows[-1]["method"])
+  if causal_backbone:  # an AR checkpoint decodes with its own beam only
+    default = next(r["method"] for r in rows if r["method"].startswith("ar_beam_"))
   (out / "run.trec").write_text((out / f"run_{default}.trec").read_text())
   table_rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
   table_md = write_table(table_rows, out, "gr")

@@ -453,11 +453,13 @@ class MaskedDiffusionTransformer(nn.Module):
       hidden = chosen
       if cfg.shift_logits:
         x = jnp.concatenate([x[:, :1], x[:, :-1]], axis=1)
-    mlm_dense, mlm_norm = None, None
+    mlm_dense, mlm_norm, bias = None, None, None
     if cfg.head == "mlm":
       mlm_dense = _dense(cfg, cfg.hidden_size, ("embed", None), True, "mlm_dense")
       mlm_norm = Norm(cfg, name="mlm_norm")
       x = mlm_norm(nn.gelu(mlm_dense(x), approximate=False))
+      bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                        (cfg.vocab_size,), cfg.weight_dtype)
     if cfg.copy_head:
       if return_features:
         raise ValueError("a copy head has no vocabulary projection to tile: train it with vocab_tile=0")
@@ -474,24 +476,17 @@ class MaskedDiffusionTransformer(nn.Module):
       eos = cfg.eos_token_id if cfg.eos_token_id is not None else 0
       # the vocabulary head's logit, for EOS only (the rest of the vocabulary is not computed)
       eos_logit = jnp.einsum("bnd,d->bn", x, embed.embedding[eos].astype(x.dtype))
-      if cfg.head == "mlm":
-        bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-                          (cfg.vocab_size,), cfg.weight_dtype)
+      if bias is not None:
         eos_logit = eos_logit + bias[eos].astype(eos_logit.dtype)
       logits = copy_logits(q, k, input_ids, copyable, eos_logit, eos, cfg.vocab_size)
-      return_features = False
     elif return_features:
       # what the output projection (`output_projection`) multiplies: [B, L or n, D]
       logits = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    if cfg.copy_head or return_features:
-      pass
     elif cfg.head == "linear":
       logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), False, "lm_head")(x)
     else:
       logits = embed.attend(x)
-      if cfg.head == "mlm":
-        bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-                          (cfg.vocab_size,), cfg.weight_dtype)
+      if bias is not None:
         logits = logits + bias.astype(logits.dtype)
     if not return_features:
       logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

@@ -206,6 +206,36 @@ def test_topk_returns_k_distinct_valid_docids_in_descending_score():
   assert dec.invalid == 0 and all(len(r) == 1 for r in dec.rankings) and dec.forward >= 3
 
 
+def test_elbo_rerank_scores_the_first_candidates_by_their_mc_elbo():
+  """Re-ranking permutes the first `top` one-pass candidates by the MC ELBO of the DocID given the
+  (left-padded) query, the same value mc_log_likelihood gives for that pair; the rest keep their place."""
+  from diffrag.diffusion.objective import mc_log_likelihood
+  from diffrag.gr import decode as D
+  from diffrag.models.transformer import positions_from_mask
+  model, params, table = _tiny_retriever()
+  prompts = np.random.default_rng(1).integers(2, 290, (2, 6)).astype(np.int32)
+  mask = np.ones_like(prompts)
+  prompts[1, :2], mask[1, :2] = 0, 0  # left padding
+  first = D.one_pass(model, params, prompts, mask, table, 7, batch=2)
+  dec = D.elbo_rerank(model, params, prompts, mask, table, first, top=4, mc_num=4)
+  assert dec.forward == first.forward + 4
+  for qi, (before, after) in enumerate(zip(first.rankings, dec.rankings)):
+    assert sorted(d for d, _ in after[:4]) == sorted(d for d, _ in before[:4]) and after[4:] == before[4:]
+    assert [s for _, s in after[:4]] == sorted((s for _, s in after[:4]), reverse=True)
+    cands = [d for d, _ in before[:4]]  # the batch elbo_rerank scores, in its order
+    tokens = np.concatenate([np.repeat(prompts[qi:qi + 1], 4, 0), table.codes[cands]], 1)
+    m = np.concatenate([np.repeat(mask[qi:qi + 1], 4, 0), np.ones((4, table.length), mask.dtype)], 1)
+    maskable = np.zeros_like(tokens, bool)
+    maskable[:, -table.length:] = True
+    rep = jnp.repeat(jnp.asarray(m), 4, 0)
+    fn = lambda x: model.apply({"params": params}, x, attention_mask=rep, positions=positions_from_mask(rep))
+    want = mc_log_likelihood(fn, jax.random.key(qi), jnp.asarray(tokens), jnp.asarray(maskable),
+                             model.config.mask_token_id, mc_num=4, group=4)
+    want = dict(zip(cands, np.asarray(want).tolist()))
+    for d, score in after[:4]:
+      np.testing.assert_allclose(score, want[d], rtol=1e-5)
+
+
 def test_topk_at_10k_docids_every_mode():
   """10,000 title-like DocIDs: every mode returns k distinct valid DocIDs in descending score,
   and the timed calls do not compile."""
@@ -283,7 +313,7 @@ def _beir(root):
 def _gr_overrides(tmp_path, dataset="toy"):
   return [f"data.data_dir={tmp_path / 'data'}", f"data.dataset={dataset}", "train.steps=2", "train.batch_size=4",
           "train.warmup_steps=1", "train.query_tokens=8", "train.pseudo_queries=2", f"train.store={tmp_path / 'store'}",
-          "docids.max_tokens=6", "decode.steps=[1,6]", "decode.pseudo_beam=2", "decode.beam=2", "decode.one_pass=3",
+          "docids.max_tokens=6", "decode.steps=[1,6]", "decode.pseudo_beam=2", "decode.beam=2", "decode.one_pass=3", "decode.elbo_rerank=2",
           "decode.batch_size=4", "baselines=[bm25]", f"out_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'c'}"]
 
 
@@ -301,7 +331,7 @@ def test_gr_pipeline_end_to_end_counts_bad_records(tmp_path, capsys):
   assert json.loads((tmp_path / "out" / "docids.json").read_text())["suffixed_duplicates"] == 1
   rows = {r["method"]: r for r in summary["methods"]}
   assert {"bm25", "diffusion_T1", "diffusion_T6_constrained", "pseudo_beam_B2", "beam_B2", "one_pass_top3",
-          "ar_beam_B2"} <= set(rows)
+          "one_pass_elbo_rerank2", "ar_beam_B2"} <= set(rows)
   for name, r in rows.items():
     if name.endswith("_constrained") or name.startswith(("beam", "ar_beam", "one_pass")):
       assert r["invalid_%"] in (0, 0.0)

@@ -294,7 +294,9 @@ def elbo_rerank(model, params, prompts, mask, table: DocIDTable, decoded: Decode
     maskable = np.zeros_like(tokens, bool)
     maskable[:, -lc:] = True
     key = jax.random.key(seed + qi)
-    call = lambda: np.asarray(mc_log_likelihood(lambda x: fn(params, x, jnp.asarray(tmask)), key,
+    # mc_log_likelihood evaluates every row mc_num times (row-major): the mask follows its rows
+    rep_mask = jnp.repeat(jnp.asarray(tmask), mc_num, axis=0)
+    call = lambda: np.asarray(mc_log_likelihood(lambda x: fn(params, x, rep_mask), key,
                                                 jnp.asarray(tokens), jnp.asarray(maskable), mask_id, mc_num=mc_num,
                                                 group=mc_num))
     if sw.timing.compile_seconds == 0.0:

@@ -367,12 +367,14 @@ def test_gr_pipeline_end_to_end_counts_bad_records(tmp_path, capsys):
 
 def test_default_mode_names_the_modes_a_config_runs():
   from diffrag.gr.pipeline import GRDecode, default_mode
-  assert default_mode(GRDecode(beam=5)) == "beam_B5"
+  assert default_mode(GRDecode(beam=5)) == "beam_B5"  # auto: the first mode the config runs
+  assert default_mode(GRDecode(beam=0, pseudo_beam=0, one_pass=100)) == "one_pass_top100"
+  assert default_mode(GRDecode(default="beam", beam=5)) == "beam_B5"
   assert default_mode(GRDecode(default="one_pass", one_pass=100)) == "one_pass_top100"
   assert default_mode(GRDecode(default="T4", steps=[1, 4])) == "diffusion_T4_constrained"
   assert default_mode(GRDecode(default="T4", steps=[4], constrained=False)) == "diffusion_T4"
   with pytest.raises(ValueError, match=r"decode.default='beam'.*'one_pass'"):
-    default_mode(GRDecode(beam=0, pseudo_beam=0, steps=[]))
+    default_mode(GRDecode(default="beam", beam=0, pseudo_beam=0, steps=[]))
 
 
 def test_gr_zero_shot_folder_and_empty_documents(tmp_path):

@@ -270,17 +270,19 @@ def one_pass(model, params, prompts, mask, table: DocIDTable, k: int = 100, batc
   return Decoded(rankings, 0, 1.0, sw.timing, timed)
 
 
-@functools.lru_cache(maxsize=None)
-def _logits_fn(model):
-  return jax.jit(lambda p, x, m: model.apply({"params": p}, x, attention_mask=m, positions=positions_from_mask(m)))
+@functools.partial(jax.jit, static_argnames=("model", "mc_num"))
+def _elbo(params, tokens, tmask, maskable, key, *, model, mc_num: int):
+  """MC ELBO of each row's maskable span: tokens, tmask, maskable: [R, L] -> [R]."""
+  rep = jnp.repeat(tmask, mc_num, axis=0)  # mc_log_likelihood evaluates each row mc_num times, row-major
+  fn = lambda x: model.apply({"params": params}, x, attention_mask=rep, positions=positions_from_mask(rep))
+  return mc_log_likelihood(fn, key, tokens, maskable, model.config.mask_token_id, mc_num=mc_num, group=mc_num)
 
 
 def elbo_rerank(model, params, prompts, mask, table: DocIDTable, decoded: Decoded, *, top: int = 10,
                 mc_num: int = 8, seed: int = 0) -> Decoded:
   """Re-scores the first `top` candidates of each ranking by the MC ELBO log p(DocID | query);
   the timing adds the re-ranking to the first pass's."""
-  lc, mask_id = table.length, model.config.mask_token_id
-  fn = _logits_fn(model)
+  lc = table.length
   sw, timed = Stopwatch(), 0
   out = []
   for qi, ranked in enumerate(decoded.rankings):
@@ -294,11 +296,8 @@ def elbo_rerank(model, params, prompts, mask, table: DocIDTable, decoded: Decode
     maskable = np.zeros_like(tokens, bool)
     maskable[:, -lc:] = True
     key = jax.random.key(seed + qi)
-    # mc_log_likelihood evaluates every row mc_num times (row-major): the mask follows its rows
-    rep_mask = jnp.repeat(jnp.asarray(tmask), mc_num, axis=0)
-    call = lambda: np.asarray(mc_log_likelihood(lambda x: fn(params, x, rep_mask), key,
-                                                jnp.asarray(tokens), jnp.asarray(maskable), mask_id, mc_num=mc_num,
-                                                group=mc_num))
+    call = lambda: np.asarray(_elbo(params, jnp.asarray(tokens), jnp.asarray(tmask), jnp.asarray(maskable), key,
+                                    model=model, mc_num=mc_num))
     if sw.timing.compile_seconds == 0.0:
       with sw.warmup():
         ll = call()

@@ -114,8 +114,8 @@ class GRDecode:
   elbo_rerank: int = 0             # re-rank this many one-pass candidates by the MC ELBO (0 = off)
   batch_size: int = 32
   compare_to: str = "bm25"         # every row's paired difference is against this row
-  default: str = "beam"            # the mode written to run.trec: beam | one_pass | pseudo_beam | T<steps>
-                                   # (chosen before evaluation, never by the test score)
+  default: str = "auto"            # the mode written to run.trec: beam | one_pass | pseudo_beam | T<steps>, or
+                                   # auto (the first of those the config runs); chosen before evaluation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +317,8 @@ def default_mode(dec: GRDecode) -> str:
            "one_pass": f"one_pass_top{dec.one_pass}" if dec.one_pass else None,
            "pseudo_beam": f"pseudo_beam_B{dec.pseudo_beam}" if dec.pseudo_beam else None,
            **{f"T{t}": f"diffusion_T{t}{'_constrained' if dec.constrained else ''}" for t in dec.steps}}
+  if dec.default == "auto":
+    return next(v for v in modes.values() if v) if any(modes.values()) else ""
   if modes.get(dec.default) is None:
     raise ValueError(f"decode.default={dec.default!r} is not a mode this config runs; choose one of "
                      f"{sorted(k for k, v in modes.items() if v)}")
@@ -478,8 +480,8 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
            samples=b, train_rec=a_record)
     walls["decode_ar"] = time.perf_counter() - t0
   _compare_rows(rows, per_query, cfg.decode.compare_to)
-  if causal_backbone:  # an AR checkpoint decodes with its own beam only
-    default = next(r["method"] for r in rows if r["method"].startswith("ar_beam_"))
+  if causal_backbone or not default:  # an AR checkpoint decodes with its own beam only
+    default = next((r["method"] for r in rows if r["method"].startswith("ar_beam_")), rows[-1]["method"])
   (out / "run.trec").write_text((out / f"run_{default}.trec").read_text())
   table_rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
   table_md = write_table(table_rows, out, "gr")

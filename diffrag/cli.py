@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
   gr.set_defaults(fn=cmd_gr)
   bench = sub.add_parser("bench", help="benchmarks; tables under --out")
   bench.add_argument("--out", default="bench")
-  bench.add_argument("--only", default=None, help="run one section: sampler | train | encode | remat | ar | gr")
+  bench.add_argument("--only", default=None, help="run one section: sampler | train | encode | remat | ar | gr | reader")
   bench.add_argument("--data-dir", default=None)
   bench.set_defaults(fn=cmd_bench)
   info = sub.add_parser("info", help="print the config a checkpoint directory loads as")

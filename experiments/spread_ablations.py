@@ -2,6 +2,7 @@
 
     python experiments/spread_ablations.py --sweep alpha      [--config configs/rag_minilm_squad.yaml] [k=v ...]
     python experiments/spread_ablations.py --sweep confidence | layer | steps | block | pooling
+    python experiments/spread_ablations.py --sweep decoding   [--config configs/rag_minilm_squad_long.yaml]
 
 Each sweep runs `diffrag rag` once per value; the reader is an artefact keyed by what made
 it, so every run of a sweep reuses the same trained reader (the sweep values only change
@@ -9,6 +10,12 @@ decoding). Writes outputs/ablations/<sweep>.{md,csv,png} and a manifest: per dat
 value, precision, F1, copy rate and RSD of the baseline and of SPREAD (alpha from --alpha),
 each SPREAD row with its paired difference to the baseline on the same questions (95%
 bootstrap interval, randomization p-value, n).
+
+`--sweep decoding` measures Fast-dLLM's parallel decoding on the trained reader instead: the
+baseline sampler only, exact (one token per step, no cache) against confidence-threshold
+commits (0.9, 0.7, 0.5) and prefix / dual KV caches. Every setting is paired with the exact
+sampler on the same questions (d_f1, d_em with interval, p, n), with generated tokens per
+second (compilation excluded), its ratio to exact, and the mean number of forward passes.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import numpy as np
 
 from diffrag import config as config_lib
 from diffrag.experiment.provenance import write_manifest
-from diffrag.rag.pipeline import RagConfig, run_rag
+from diffrag.rag import parallel
+from diffrag.rag.pipeline import RagConfig, ci_bounds, run_rag
 from diffrag.report import pyplot, save_figure, write_table
 
 SWEEPS = {
@@ -30,6 +38,7 @@ SWEEPS = {
     "steps": ("generation.steps", [2, 4, 8, 16]),
     "block": ("generation.block_length", [16, 8, 4]),
     "pooling": ("spread.pooling", ["mean", "max_token"]),
+    "decoding": ("generation", list(parallel.DECODING)),
 }
 COLUMNS = ("dataset", "method", "alpha", "n", "precision", "precision_ci", "d_precision", "p_precision", "f1", "f1_ci",
            "d_f1", "p_f1", "em", "copy_rate", "rsd", "d_rsd", "p_rsd", "answer_words", "s_per_q")
@@ -43,6 +52,8 @@ def main() -> None:
   parser.add_argument("--out", default="outputs/ablations")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args()
+  if args.sweep == "decoding":
+    return parallel.decoding_sweep(args.config, args.overrides, Path(args.out))
   key, values = SWEEPS[args.sweep]
   rows, manifests = [], []
   for value in values:
@@ -64,9 +75,8 @@ def main() -> None:
 
 
 def _err(rows, name):
-  lo = [r[name] - float(r[f"{name}_ci"].strip("[]").split(",")[0]) for r in rows]
-  hi = [float(r[f"{name}_ci"].strip("[]").split(",")[1]) - r[name] for r in rows]
-  return np.array([lo, hi])
+  return np.array([[r[name] - ci_bounds(r[f"{name}_ci"])[0] for r in rows],
+                   [ci_bounds(r[f"{name}_ci"])[1] - r[name] for r in rows]])
 
 
 def _plot(rows, sweep, path):

@@ -65,6 +65,17 @@ def test_schedules_are_monotone_and_clipped(name):
     schedules.get("zigzag")
 
 
+def test_flat_weighting_keeps_the_masking_and_drops_the_elbo_weight():
+  elbo, flat = schedules.get("poly0.5"), schedules.get("poly0.5", weighting="flat")
+  t = jnp.linspace(0.01, 1, 50)
+  np.testing.assert_array_equal(np.asarray(flat.mask_prob(t)), np.asarray(elbo.mask_prob(t)))
+  np.testing.assert_array_equal(np.asarray(flat.weight(t)), 1.0)
+  assert float(elbo.weight(t[0])) > 10  # the ELBO weight ~ k / t blows up at small t; flat does not
+  assert flat.name == "poly0.5-flat"
+  with pytest.raises(ValueError, match="unknown loss weighting 'uniform'"):
+    schedules.get("linear", weighting="uniform")
+
+
 def test_stratified_counts_follow_llada():
   counts = np.asarray(stratified_mask_counts(jax.random.key(0), jnp.array([5, 16]), 4))
   assert counts.min() >= 1 and counts[0].max() <= 5 and counts[1].max() <= 16

@@ -373,6 +373,10 @@ def test_default_mode_names_the_modes_a_config_runs():
   assert default_mode(GRDecode(default="one_pass", one_pass=100)) == "one_pass_top100"
   assert default_mode(GRDecode(default="T4", steps=[1, 4])) == "diffusion_T4_constrained"
   assert default_mode(GRDecode(default="T4", steps=[4], constrained=False)) == "diffusion_T4"
+  # T beyond the DocID canvas runs as T = canvas length, and the default names that row
+  assert default_mode(GRDecode(default="T32", steps=[32]), length=16) == "diffusion_T16_constrained"
+  with pytest.raises(ValueError, match=r"T4.*not a mode this config runs.*beam"):
+    default_mode(GRDecode(default="T4", steps=[4], constrained=False, unconstrained=False, beam=5))
   with pytest.raises(ValueError, match=r"decode.default='beam'.*'one_pass'"):
     default_mode(GRDecode(default="beam", beam=0, pseudo_beam=0, steps=[]))
 

@@ -356,10 +356,28 @@ def test_reader_artefact_key_changes_with_every_determining_field(tmp_path):
              ("prompt.template='Q: {question} C: {passages} A:'",), ("generation.gen_length=12",),
              ("reader.train_steps=3",), ("reader.lr=1e-3",), ("reader.batch_size=4",), ("reader.seed=1",),
              ("reader.distractors=0",), ("reader.extractive=false",), ("retrieval.max_chars=30",),
-             ("reader.warmup_steps=2",)]
+             ("reader.warmup_steps=2",), ("reader.weighting=flat",), ("reader.schedule=poly0.5",)]
   keys = [key(*c) for c in changed]
   assert ref not in keys and len(set(keys)) == len(keys)
   assert key("generation.steps=4", "spread.alphas=[0.3]", "data.limit=1") == ref  # decoding only
+
+
+def test_decoding_sweep_pairs_every_setting_with_the_exact_sampler(tmp_path):
+  """`--sweep decoding` (diffrag.rag.parallel) on a tiny reader: one row per setting and
+  set, paired differences against the reference, forward passes never above exact's."""
+  from diffrag.rag import parallel as mod
+  _squad_files(tmp_path / "data")
+  over = _rag_overrides(tmp_path) + ["reader.train_data=squad_v1:train", "data.dataset=squad_v1:dev"]
+  settings = {k: mod.DECODING[k] for k in ("exact", "threshold0.5", "threshold0.9", "threshold0.9+dual")}
+  rows = mod.decoding_sweep(None, over, tmp_path / "abl", settings)
+  # the copy-head reader has no KV cache (its pointer needs the prompt in every forward): said, left out
+  assert [r["decoding"] for r in rows] == ["exact", "threshold0.5", "threshold0.9"] and all(r["n"] == 3 for r in rows)
+  exact = rows[0]
+  assert exact["speedup"] == 1.0 and exact["d_f1"] == "" and exact["forward_passes"] == 8
+  for r in rows[1:]:
+    assert "[" in r["d_f1"] and r["p_f1"] and 1 <= r["forward_passes"] <= exact["forward_passes"]
+    assert r["tokens_per_s"] > 0
+  assert (tmp_path / "abl" / "decoding.md").exists() and (tmp_path / "abl" / "decoding.png").exists()
 
 
 def test_rag_split_by_article_and_bad_inputs(tmp_path):

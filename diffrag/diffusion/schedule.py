@@ -50,15 +50,31 @@ def polynomial(k: float, eps: float = DEFAULT_EPS) -> MaskingSchedule:
   return MaskingSchedule(f"poly{k:g}", mask_prob, weight)
 
 
-def get(name: str, eps: float = DEFAULT_EPS) -> MaskingSchedule:
-  """'linear' | 'cosine' | 'polyK' (e.g. 'poly2')."""
+def flat(schedule: MaskingSchedule) -> MaskingSchedule:
+  """The same masking with w(t) = 1: each masked token's cross-entropy counts once.
+
+  loss = (1/B) sum_b sum_i [masked_bi] CE_bi / n_b, so a draw with more tokens masked weighs
+  more (MaskGIT's loss). It is not the ELBO: its draws at small t, which the 1/t weight blows
+  up, no longer dominate the gradient, at the price of a biased likelihood bound.
+  """
+  return MaskingSchedule(f"{schedule.name}-flat", schedule.mask_prob, jnp.ones_like)
+
+
+WEIGHTINGS = ("elbo", "flat")
+
+
+def get(name: str, eps: float = DEFAULT_EPS, weighting: str = "elbo") -> MaskingSchedule:
+  """'linear' | 'cosine' | 'polyK' (e.g. 'poly2'); weighting 'elbo' (w(t) above) or 'flat' (`flat`)."""
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
+  wrap = flat if weighting == "flat" else (lambda s: s)
   if name == "linear":
-    return linear(eps)
+    return wrap(linear(eps))
   if name == "cosine":
-    return cosine(eps)
+    return wrap(cosine(eps))
   if name.startswith("poly"):
     try:
-      return polynomial(float(name[4:]), eps)
+      return wrap(polynomial(float(name[4:]), eps))
     except ValueError:
       pass
   raise ValueError(f"unknown masking schedule {name!r}; expected 'linear', 'cosine' or 'polyK' (e.g. 'poly2')")

@@ -311,12 +311,22 @@ def _docid_table(cfg: GRConfig, corpus, tok, model, params, dense, store: Artefa
 # ------------------------------------------------------------------------------- run
 
 
-def default_mode(dec: GRDecode) -> str:
-  """The method name of the row `decode.default` selects (an error naming the modes this config runs)."""
+def t_row(t: int, constrained: bool) -> str:
+  """The row name of T-step decoding with `t` forward passes (constrained or not)."""
+  return f"diffusion_T{t}{'_constrained' if constrained else ''}"
+
+
+def default_mode(dec: GRDecode, length: int | None = None) -> str:
+  """The row name `decode.default` selects (an error naming the modes this config runs).
+
+  T-step modes are keyed by the requested T and named by the T that runs: T is capped at the
+  DocID canvas `length` when it is known (`decode.steps=[32]` on a 16-token canvas runs T16)."""
+  cap = (lambda t: min(int(t), length)) if length else int
   modes = {"beam": f"beam_B{dec.beam}" if dec.beam else None,
            "one_pass": f"one_pass_top{dec.one_pass}" if dec.one_pass else None,
            "pseudo_beam": f"pseudo_beam_B{dec.pseudo_beam}" if dec.pseudo_beam else None,
-           **{f"T{t}": f"diffusion_T{t}{'_constrained' if dec.constrained else ''}" for t in dec.steps}}
+           **{f"T{t}": t_row(cap(t), dec.constrained) if dec.constrained or dec.unconstrained else None
+              for t in dec.steps}}
   if dec.default == "auto":
     return next(v for v in modes.values() if v) if any(modes.values()) else ""
   if modes.get(dec.default) is None:
@@ -444,7 +454,7 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   for t in sorted({min(int(t), lc) for t in cfg.decode.steps}) if not causal_backbone else []:
     for constrained in [c for c, on in ((True, cfg.decode.constrained), (False, cfg.decode.unconstrained)) if on]:
       dec = D.t_step(dm, dparams, q_ids, q_mask, table, t, constrained=constrained, batch=bs, vocab=vocab)
-      r = record(f"diffusion_T{t}{'_constrained' if constrained else ''}", fam, t, dec, train_rec=d_record)
+      r = record(t_row(t, constrained), fam, t, dec, train_rec=d_record)
       curves.append((t, constrained, r["recall@1"], r["ms_per_query"], r["forward_passes"]))
   if cfg.decode.pseudo_beam and not causal_backbone:
     b = cfg.decode.pseudo_beam
@@ -480,6 +490,7 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
            samples=b, train_rec=a_record)
     walls["decode_ar"] = time.perf_counter() - t0
   _compare_rows(rows, per_query, cfg.decode.compare_to)
+  default = default_mode(cfg.decode, lc)
   if causal_backbone or not default:  # an AR checkpoint decodes with its own beam only
     default = next((r["method"] for r in rows if r["method"].startswith("ar_beam_")), rows[-1]["method"])
   (out / "run.trec").write_text((out / f"run_{default}.trec").read_text())

@@ -85,6 +85,7 @@ class ReaderSpec:
                                   # restricted to the prompt's tokens + EOS)
   copy_head: bool = True          # a pointer over the prompt as the output distribution (`ModelConfig.copy_head`)
   schedule: str = "linear"        # masking schedule of training: linear | cosine | polyK (poly0.5 masks more)
+  weighting: str = "elbo"         # loss weight: elbo (the 1/t-weighted bound) | flat (every masked token once)
   bucket: int = 32                # prompts are bucketed by length in steps of this many tokens
   seed: int = 0
   store: str = "outputs/artefacts"
@@ -299,7 +300,7 @@ def reader_request(cfg: RagConfig, train, train_info: dict, spec: PromptSpec) ->
                      optim=OptimConfig(lr=rd.lr, warmup_steps=rd.warmup_steps, schedule="cosine", weight_decay=0.01),
                      train=LoopSpec(steps=rd.train_steps, batch_size=rd.batch_size, seed=rd.seed, log_every=25,
                                     checkpoint_every=max(50, rd.train_steps // 6), export=True, loss_window=[-g, g],
-                                    schedule=rd.schedule),
+                                    schedule=rd.schedule, weighting=rd.weighting),
                      mesh=MeshSpec(data=1))
   flat = np.concatenate([np.asarray(p + [-1] + a + [-2], np.int64) for p, a in pairs])
   art_spec = {"recipe": RECIPE, "init": "all-MiniLM-L6-v2", "tokenizer": "all-MiniLM-L6-v2",
@@ -792,16 +793,14 @@ def _plots(out: Path, curves: dict, rows: list[dict]) -> None:
       pts = sorted((r["alpha"], r["f1"], r) for r in rows if r["dataset"] == set_name)
       xs = [p[0] for p in pts]
       ys = [p[1] for p in pts]
-      err = np.array([[p[1] - _lo(p[2]["f1_ci"]), _hi(p[2]["f1_ci"]) - p[1]] for p in pts]).T
+      err = np.array([[p[1] - ci_bounds(p[2]["f1_ci"])[0], ci_bounds(p[2]["f1_ci"])[1] - p[1]] for p in pts]).T
       ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, label=f"{set_name} F1")
     ax.set_xlabel("SPREAD alpha (0 = baseline)")
     ax.set_ylabel("F1 (%) with 95% interval")
     save_figure(fig, out / "alpha.png", legend_size=7)
 
 
-def _lo(ci: str) -> float:
-  return float(ci.strip("[]").split(",")[0])
-
-
-def _hi(ci: str) -> float:
-  return float(ci.strip("[]").split(",")[1])
+def ci_bounds(ci: str) -> tuple[float, float]:
+  """(lo, hi) of a table's interval string '[lo, hi]'."""
+  lo, hi = ci.strip("[]").split(",")
+  return float(lo), float(hi)

@@ -65,6 +65,7 @@ class LoopSpec:
   micro_batches: int = 1
   seed: int = 0
   schedule: str = "linear"
+  weighting: str = "elbo"          # elbo (w(t) of the schedule: the masked-NLL bound) | flat (w = 1, MaskGIT's loss)
   eps: float = 1e-3
   antithetic: bool = False
   log_every: int = 10
@@ -153,7 +154,7 @@ def compile_step(model: MaskedDiffusionTransformer, params: dict, cfg: TrainConf
   window = None if cfg.train.loss_window is None else tuple(int(v) for v in cfg.train.loss_window)
   step_fn = step_lib.make_train_step(step_lib.model_apply_fn(model), tx, cfg.optim,
                                      mask_id=model.config.mask_token_id,
-                                     schedule=schedules.get(cfg.train.schedule, cfg.train.eps),
+                                     schedule=schedules.get(cfg.train.schedule, cfg.train.eps, cfg.train.weighting),
                                      micro_batches=cfg.train.micro_batches, antithetic=cfg.train.antithetic,
                                      loss_window=window, objective=cfg.train.objective,
                                      vocab_tile=cfg.train.vocab_tile, output_ids=output_ids)

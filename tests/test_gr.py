@@ -363,6 +363,8 @@ def test_gr_pipeline_end_to_end_counts_bad_records(tmp_path, capsys):
   assert out.count("building it") == 1 and out.count("reusing the artefact") == 1 and "schedule" in out
   with pytest.raises(ValueError, match="unknown masking schedule 'quadratic'"):
     run_gr(config_lib.load(GRConfig, None, _gr_overrides(tmp_path) + ["train.schedule=quadratic"]), progress=False)
+  with pytest.raises(ValueError, match="unknown loss weighting 'none'"):
+    run_gr(config_lib.load(GRConfig, None, _gr_overrides(tmp_path) + ["train.weighting=none"]), progress=False)
 
 
 def test_default_mode_names_the_modes_a_config_runs():

@@ -96,6 +96,7 @@ class GRTrain:
   schedule: str = "linear"         # masking schedule of the diffusion objective: linear | cosine | polyK
                                    # (poly0.5: p_mask = t^0.5, more training near the fully masked canvas
                                    # that one-pass scoring and the first decoding steps see)
+  weighting: str = "elbo"          # loss weight: elbo (1/t, the masked-NLL bound) | flat (every masked token once)
   ar_steps: int | None = None      # autoregressive twin: None = the same steps as diffusion, 0 = skip
   seed: int = 0
   store: str = "outputs/artefacts"
@@ -239,7 +240,8 @@ def _train(cfg: GRConfig, model, params, tok, pairs, table: DocIDTable, *, objec
                                     checkpoint_every=max(50, steps // 6), export=True, loss_window=[-lc, lc],
                                     objective=objective, vocab_tile=tr.vocab_tile, remat=tr.remat,
                                     # the AR objective masks nothing: its key never depends on the schedule
-                                    schedule=tr.schedule if objective == "diffusion" else "linear"),
+                                    schedule=tr.schedule if objective == "diffusion" else "linear",
+                                    weighting=tr.weighting if objective == "diffusion" else "elbo"),
                      mesh=MeshSpec(data=1))
   store = ArtefactStore(tr.store)
   art = store.get(f"{objective}_retriever", {**spec, "objective": objective, "optim": tcfg.optim, "train": tcfg.train})
@@ -339,7 +341,7 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   from diffrag.models import from_pretrained, load_tokenizer, minilm_path  # pylint: disable=import-outside-toplevel
   from diffrag.retrieval import BM25Retriever, Corpus, DenseRetriever, default_encoder  # pylint: disable=import-outside-toplevel
   default = default_mode(cfg.decode)
-  schedules.get(cfg.train.schedule)  # an unknown schedule fails here, before any work
+  schedules.get(cfg.train.schedule, weighting=cfg.train.weighting)  # an unknown one fails here, before any work
   out = Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   walls: dict[str, float] = {}

@@ -1,10 +1,11 @@
 """Fast-dLLM's parallel decoding measured on a trained reader (`--sweep decoding`, `make bench`).
 
 Each setting runs `run_rag` on the same reader, prompts and questions with the baseline
-sampler only (no SPREAD, no drift) and `generation.steps` = the canvas length; every row is paired with the first setting (exact: one
-token per step, no cache) on the questions both answered: d_f1 and d_em with their 95%
-bootstrap interval, randomization p and n, generated tokens per second (compilation
-excluded), its ratio to exact and the mean number of forward passes.
+sampler only (no SPREAD, no drift) and `generation.steps` = the canvas length. Every row is
+paired with the first setting (exact: one token per step, no cache) on the questions both
+answered: d_f1 and d_em with their 95% bootstrap interval, randomization p and n, generated
+tokens per second (compilation excluded), its ratio to exact and the mean number of forward
+passes.
 """
 
 from __future__ import annotations

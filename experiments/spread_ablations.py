@@ -28,7 +28,7 @@ import numpy as np
 from diffrag import config as config_lib
 from diffrag.experiment.provenance import write_manifest
 from diffrag.rag import parallel
-from diffrag.rag.pipeline import RagConfig, ci_bounds, run_rag
+from diffrag.rag.pipeline import RagConfig, ci_errors, run_rag
 from diffrag.report import pyplot, save_figure, write_table
 
 SWEEPS = {
@@ -75,8 +75,7 @@ def main() -> None:
 
 
 def _err(rows, name):
-  return np.array([[r[name] - ci_bounds(r[f"{name}_ci"])[0] for r in rows],
-                   [ci_bounds(r[f"{name}_ci"])[1] - r[name] for r in rows]])
+  return ci_errors([r[name] for r in rows], [r[f"{name}_ci"] for r in rows])
 
 
 def _plot(rows, sweep, path):

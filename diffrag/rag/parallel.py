@@ -19,7 +19,7 @@ from diffrag import config as config_lib
 from diffrag.experiment import stats
 from diffrag.experiment.provenance import write_manifest
 from diffrag.rag.metrics import qa_scores
-from diffrag.rag.pipeline import RagConfig, ci_bounds, run_rag
+from diffrag.rag.pipeline import RagConfig, ci_errors, run_rag
 from diffrag.report import pyplot, save_figure, write_table
 
 # Fast-dLLM settings of `--sweep decoding`: name -> generation overrides (the first is the reference)
@@ -98,7 +98,7 @@ def _plot_decoding(rows, path):
   fig, ax = plt.subplots(figsize=(6, 3.6))
   for dataset in dict.fromkeys(r["dataset"] for r in rows):
     pts = [r for r in rows if r["dataset"] == dataset]
-    err = np.array([[r["f1"] - ci_bounds(r["f1_ci"])[0], ci_bounds(r["f1_ci"])[1] - r["f1"]] for r in pts]).T
+    err = ci_errors([r["f1"] for r in pts], [r["f1_ci"] for r in pts])
     ax.errorbar([r["tokens_per_s"] for r in pts], [r["f1"] for r in pts], yerr=err, fmt="o", capsize=3,
                 label=dataset)
     for r in pts:

@@ -793,7 +793,7 @@ def _plots(out: Path, curves: dict, rows: list[dict]) -> None:
       pts = sorted((r["alpha"], r["f1"], r) for r in rows if r["dataset"] == set_name)
       xs = [p[0] for p in pts]
       ys = [p[1] for p in pts]
-      err = np.array([[p[1] - ci_bounds(p[2]["f1_ci"])[0], ci_bounds(p[2]["f1_ci"])[1] - p[1]] for p in pts]).T
+      err = ci_errors(ys, [p[2]["f1_ci"] for p in pts])
       ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, label=f"{set_name} F1")
     ax.set_xlabel("SPREAD alpha (0 = baseline)")
     ax.set_ylabel("F1 (%) with 95% interval")
@@ -804,3 +804,10 @@ def ci_bounds(ci: str) -> tuple[float, float]:
   """(lo, hi) of a table's interval string '[lo, hi]'."""
   lo, hi = ci.strip("[]").split(",")
   return float(lo), float(hi)
+
+
+def ci_errors(values, cis) -> np.ndarray:
+  """Error bars [2, n] (below, above) of `values` from their interval strings, for `errorbar`."""
+  bounds = np.array([ci_bounds(c) for c in cis])
+  v = np.asarray(values, float)
+  return np.stack([v - bounds[:, 0], bounds[:, 1] - v])

@@ -286,3 +286,85 @@ def test_remat_policies_give_the_same_loss_and_gradients():
     assert max(jax.tree.leaves(diff)) < 1e-6
   with pytest.raises(ConfigError, match="valid policies: \\['none', 'full'"):
     cfg.replace(remat="offload_everything")
+
+
+def test_layer_loops_give_the_same_logits_loss_and_gradients():
+  """The unrolled layer loop is the scanned one without the while loop: same logits and
+  training trajectory; a loop name that does not exist names the valid ones."""
+  import jax.numpy as jnp
+  from diffrag.models import MaskedDiffusionTransformer, init_params, preset
+  cfg = preset("tiny-llada")
+  params = init_params(cfg, jax.random.key(0))
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 500, (4, 24)), jnp.int32)
+  batch = {"tokens": ids, "maskable": jnp.ones((4, 24), bool)}
+  logits = {}
+  runs = {}
+  for loop in ("scan", "unroll"):
+    model = MaskedDiffusionTransformer(cfg.replace(layer_loop=loop))
+    logits[loop] = model.apply({"params": params}, ids)
+    runs[loop] = _two_steps(model, params, batch)
+  assert float(jnp.max(jnp.abs(logits["scan"] - logits["unroll"]))) < 1e-5
+  assert abs(float(runs["scan"][1][-1]["loss"]) - float(runs["unroll"][1][-1]["loss"])) < 1e-6
+  diff = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), runs["scan"][0].params, runs["unroll"][0].params)
+  assert max(jax.tree.leaves(diff)) < 1e-6
+  with pytest.raises(ConfigError, match="layer_loop='while'.*'scan', 'unroll'"):
+    cfg.replace(layer_loop="while")
+
+
+def test_token_nll_and_hit_match_log_softmax_and_argmax():
+  import jax.numpy as jnp
+  from diffrag.diffusion.objective import token_nll_and_hit
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.standard_normal((3, 5, 40)) * 3, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 40, (3, 5)), jnp.int32)
+  targets = targets.at[0].set(jnp.argmax(logits[0], -1))  # some hits
+  nll, hit = token_nll_and_hit(logits, targets)
+  ref = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+  assert float(jnp.max(jnp.abs(nll - ref))) < 1e-5
+  assert np.array_equal(np.asarray(hit), np.asarray(jnp.argmax(logits, -1) == targets)) and bool(hit[0].all())
+  g = jax.grad(lambda l: jnp.sum(token_nll_and_hit(l, targets)[0]))(logits)
+  g_ref = jax.nn.softmax(logits, -1) - jax.nn.one_hot(targets, 40)
+  assert float(jnp.max(jnp.abs(g - g_ref))) < 1e-5
+
+
+@pytest.mark.parametrize("budget", [40, 96, 10])
+def test_gathered_loss_equals_the_loss_on_every_position(budget):
+  """The output layer on the masked positions only (a static budget of slots) gives the loss,
+  gradients and accuracy of the output layer on every position: within the budget (40 or 96
+  slots for about 48 masked of 96 tokens, so some draws overflow 40) and past it (10 slots:
+  every draw takes the full path, and says so in loss_overflow). Vocabulary tiles, windows
+  and a restricted vocabulary (Dream) compose with it."""
+  import jax.numpy as jnp
+  from diffrag.models import MaskedDiffusionTransformer, init_params, preset
+  for name, kw in (("tiny-llada", {}), ("tiny-dream", {"vocab_tile": 96, "loss_window": (8, 16)})):
+    cfg = preset(name)
+    model, params = MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    maskable = np.ones((4, 24), bool)
+    if "loss_window" in kw:
+      maskable[:, :8] = False
+    batch = {"tokens": jnp.asarray(rng.integers(0, 500, (4, 24)), jnp.int32), "maskable": jnp.asarray(maskable)}
+    if name == "tiny-dream":
+      batch["allowed_tokens"] = jnp.asarray(rng.random((4, cfg.vocab_size)) < 0.5).at[
+          jnp.arange(4)[:, None], batch["tokens"]].set(True)
+    ref, m_ref = _two_steps(model, params, batch, **kw)
+    got, m = _two_steps(model, params, batch, loss_tokens=budget, **kw)
+    for a, b in zip(m_ref, m):
+      assert abs(float(a["loss"]) - float(b["loss"])) < 1e-5
+      assert float(a["masked_accuracy"]) == float(b["masked_accuracy"])
+      assert int(b["loss_overflow"]) == int(int(b["masked_tokens"]) > budget)
+    diff = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), ref.params, got.params)
+    assert max(jax.tree.leaves(diff)) < 1e-5
+    if budget == 10:
+      assert all(int(x["loss_overflow"]) == 1 for x in m)
+
+
+def test_loss_tokens_rejects_what_it_cannot_do():
+  from diffrag.train import step as step_lib
+  import optax
+  with pytest.raises(ValueError, match="diffusion objective only"):
+    step_lib.make_train_step(lambda *a, **k: None, optax.sgd(0.1), OptimConfig(), mask_id=0,
+                             schedule=None, objective="ar", loss_tokens=8)
+  with pytest.raises(ValueError, match="must be >= 0"):
+    step_lib.make_train_step(lambda *a, **k: None, optax.sgd(0.1), OptimConfig(), mask_id=0,
+                             schedule=None, loss_tokens=-1)

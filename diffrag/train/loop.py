@@ -77,6 +77,7 @@ class LoopSpec:
   objective: str = "diffusion"     # diffusion (masked-NLL) | ar (next-token CE, causal model)
   vocab_tile: int = 0              # > 0: cross-entropy over vocabulary tiles of this size (no [tokens, V] logits)
   remat: str = "none"              # rematerialisation of each layer: none | full | dots_saveable | ...
+  loss_tokens: int = 0             # > 0: the output layer on the masked positions only, in this many slots per micro-batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +158,8 @@ def compile_step(model: MaskedDiffusionTransformer, params: dict, cfg: TrainConf
                                      schedule=schedules.get(cfg.train.schedule, cfg.train.eps, cfg.train.weighting),
                                      micro_batches=cfg.train.micro_batches, antithetic=cfg.train.antithetic,
                                      loss_window=window, objective=cfg.train.objective,
-                                     vocab_tile=cfg.train.vocab_tile, output_ids=output_ids)
+                                     vocab_tile=cfg.train.vocab_tile, output_ids=output_ids,
+                                     loss_tokens=cfg.train.loss_tokens)
   jitted = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, mesh_lib.replicated(mesh)),
                    out_shardings=(state_sharding, mesh_lib.replicated(mesh)), donate_argnums=0)
 
@@ -245,7 +247,7 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
   metrics_file = out / "metrics.jsonl"
   bar = tqdm(total=end, initial=start, desc="train", disable=not progress or jax.process_index() != 0)
   writer = _event_writer(out) if jax.process_index() == 0 else None
-  tokens_done, t_last = 0, time.perf_counter()
+  tokens_done, t_last, overflows = 0, time.perf_counter(), 0
   split = {"data_s": 0.0, "compute_s": 0.0, "checkpoint_s": 0.0}
   for step in range(start, end):
     t0 = time.perf_counter()
@@ -264,6 +266,7 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
           f"{'step ' + str(last) if last is not None else 'none'} in {out / 'checkpoints'}. Lower optim.lr, "
           "raise optim.warmup_steps or check the data, then re-run to resume.")
     tokens_done += batch["tokens"].size  # the global batch
+    overflows += int(metrics["loss_overflow"])
     bar.update(1)
     if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
       t0 = time.perf_counter()
@@ -277,7 +280,9 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
              "grad_norm": float(metrics["grad_norm"]), "lr": float(lr_fn(step)),
              "tokens_per_s": tokens_done / max(now - t_last, 1e-9),
              **{f"step_{k}": v / max(n, 1) for k, v in split.items()}}
-      tokens_done, t_last = 0, now
+      if cfg.train.loss_tokens > 0:  # share of steps whose masked tokens did not fit the budget (full path)
+        row["loss_overflow"] = overflows / max(n, 1)
+      tokens_done, t_last, overflows = 0, now, 0
       split = dict.fromkeys(split, 0.0)
       history.append(row)
       bar.set_postfix(loss=f"{loss:.3f}", acc=f"{row['masked_accuracy']:.3f}")

@@ -151,7 +151,7 @@ def model_apply_fn(model) -> Callable:
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim: OptimConfig, *, mask_id: int,
                     schedule: schedules.MaskingSchedule, micro_batches: int = 1, antithetic: bool = False,
                     loss_window: tuple[int, int] | None = None, objective: str = "diffusion", vocab_tile: int = 0,
-                    output_ids=None):
+                    output_ids=None, loss_tokens: int = 0):
   """Returns step(state, batch, key) -> (state, metrics); jit it once.
 
   apply_fn(params, tokens [B, L], window=None, attention_mask=None) -> logits [B, L, V], or
@@ -164,7 +164,10 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
   over those tokens only: an extractive reader's passage words, the tokens of DocIDs).
   vocab_tile > 0: the output layer is applied in vocabulary tiles inside the loss
   (`objective.projected_nll`), so [tokens, V] logits never exist at once (apply_fn must
-  accept features=True, as `model_apply_fn`'s does). output_ids: [S] token ids: the
+  accept features=True, as `model_apply_fn`'s does). loss_tokens > 0 (diffusion objective):
+  the output layer runs on the batch's masked positions only, gathered into that many slots
+  per micro-batch (`objective.diffusion_loss`; exact: a draw that does not fit takes the full
+  path, counted in metrics["loss_overflow"]). output_ids: [S] token ids: the
   softmax, and the output layer's cost, cover those tokens only (every target must be one). objective: "diffusion"
   (masked-NLL ELBO) or "ar" (next-token CE of a causal, shifted-logit model: the
   autoregressive baseline). The batch is split into
@@ -179,7 +182,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
       window = (start + tokens.shape[1] if start < 0 else start, n)
 
     def logits_fn(xt):
-      if vocab_tile > 0 or output_ids is not None:
+      if vocab_tile > 0 or output_ids is not None or loss_tokens > 0:
         return apply_fn(params, xt, window=window, attention_mask=attention_mask, features=True)._replace(
             allowed=allowed, ids=None if output_ids is None else jnp.asarray(output_ids, jnp.int32))
       logits = apply_fn(params, xt, window=window, attention_mask=attention_mask)
@@ -188,10 +191,14 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
       return jnp.where(allowed[:, None, :], logits, jnp.finfo(logits.dtype).min)
     if objective == "ar":
       return ar_loss(logits_fn, key, tokens, maskable, window, vocab_tile)
-    return diffusion_loss(logits_fn, key, tokens, maskable, mask_id, schedule, antithetic, window, vocab_tile)
+    return diffusion_loss(logits_fn, key, tokens, maskable, mask_id, schedule, antithetic, window, vocab_tile,
+                          loss_tokens)
 
   if objective not in ("diffusion", "ar"):
     raise ValueError(f"objective={objective!r}; expected 'diffusion' or 'ar'")
+  if loss_tokens < 0 or (loss_tokens > 0 and objective != "diffusion"):
+    raise ValueError(f"loss_tokens={loss_tokens}: a gathering budget applies to the diffusion objective only and "
+                     "must be >= 0 (0: the output layer on every position)")
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, batch: dict, key: jax.Array):
@@ -214,17 +221,22 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
       (l, a), g = grad_fn(state.params, state.frozen, t, m, am if use_mask else None, al if use_allowed else None, k)
       return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l, jax.tree_util.tree_map(jnp.add, aux, a)), None
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-    aux0 = {"masked_tokens": jnp.zeros((), jnp.int32), "correct": jnp.zeros((), jnp.int32)}
-    (grads, loss, aux), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), aux0),
-                                         (split(tokens), split(maskable), split(attention_mask), split(allowed),
-                                          keys))
-    grads = jax.tree_util.tree_map(lambda g: g / micro_batches, grads)
+    if micro_batches == 1:  # no accumulator: zero-filled gradient buffers cost a pass over the params
+      (loss, aux), grads = grad_fn(state.params, state.frozen, tokens, maskable, attention_mask if use_mask else None,
+                                   allowed if use_allowed else None, keys[0])
+    else:
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+      aux0 = {"masked_tokens": jnp.zeros((), jnp.int32), "correct": jnp.zeros((), jnp.int32),
+              "overflow": jnp.zeros((), jnp.int32)}
+      (grads, loss, aux), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), aux0),
+                                           (split(tokens), split(maskable), split(attention_mask), split(allowed),
+                                            keys))
+      grads = jax.tree_util.tree_map(lambda g: g / micro_batches, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss / micro_batches, "grad_norm": optax.global_norm(grads),
                "masked_accuracy": aux["correct"] / jnp.maximum(aux["masked_tokens"], 1),
-               "masked_tokens": aux["masked_tokens"],
+               "masked_tokens": aux["masked_tokens"], "loss_overflow": aux["overflow"],
                "params_finite": jnp.isfinite(optax.global_norm(params))}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

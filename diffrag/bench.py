@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from diffrag.models import from_pretrained, init_params, minilm_path, preset
-from diffrag.models.transformer import MaskedDiffusionTransformer
+from diffrag.models.transformer import MaskedDiffusionTransformer, num_params
 from diffrag.parallel import mesh as mesh_lib
 from diffrag.experiment.provenance import write_manifest
 from diffrag.experiment.timing import Stopwatch
@@ -353,7 +353,10 @@ def bench_encode(out: Path, data_dir: str | None = None, n_docs: int = 1500) -> 
   ref = torch_encode()
   torch_s = time.perf_counter() - t0
   lengths = [min(256, len(enc.tokenizer(t)["input_ids"])) for t in texts]
-  flops = sum(2 * 21.3e6 * n + 4 * 6 * n * n * 384 for n in lengths)  # 2 x non-embedding params x tokens + attention
+  # 2 x non-embedding params (the GEMMs) x tokens + attention (QK^T and PV: 4 n^2 d per layer)
+  cfg = enc.model.config
+  dense_params = num_params(enc.params["layers"])  # the encoder's layers (no embeddings, no MLM head)
+  flops = sum(2 * dense_params * n + 4 * cfg.num_layers * n * n * cfg.hidden_size for n in lengths)
   gemm = _gemm_gflops()
   rows = [{"encoder": "all-MiniLM-L6-v2, mean pooling", "docs": len(texts), "ours_docs_per_s": round(len(texts) / sw.timing.seconds, 1),
            "torch_docs_per_s": round(len(texts) / torch_s, 1), "ours_over_torch": round(torch_s / sw.timing.seconds, 2),

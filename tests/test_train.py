@@ -368,3 +368,14 @@ def test_loss_tokens_rejects_what_it_cannot_do():
   with pytest.raises(ValueError, match="must be >= 0"):
     step_lib.make_train_step(lambda *a, **k: None, optax.sgd(0.1), OptimConfig(), mask_id=0,
                              schedule=None, loss_tokens=-1)
+
+
+def test_train_layer_loop_resolves_and_rejects_bad_names():
+  from diffrag.models import MaskedDiffusionTransformer, init_params, preset
+  from diffrag.parallel import mesh as mesh_lib
+  from diffrag.train.loop import compile_step
+  cfg = preset("tiny-llada")
+  model, params = MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(0))
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, 1), devices=_cpu0())
+  with pytest.raises(ValueError, match="train.layer_loop='while'; expected 'auto', 'scan' or 'unroll'"):
+    compile_step(model, params, TrainConfig(train=LoopSpec(layer_loop="while")), mesh, mesh_lib.DEFAULT_RULES)

@@ -35,7 +35,7 @@ _CHOICES = {
     "mlp": ("swiglu", "gelu"),
     "head": ("linear", "tied", "mlm"),
     "attention_impl": ("auto", "xla", "cudnn"),
-    "layer_loop": ("auto", "scan", "unroll"),
+    "layer_loop": ("scan", "unroll"),
 }
 # Rematerialisation of the scanned layer: what the backward pass keeps from the forward
 # ("none": everything, no recomputation; "full": nothing, each layer is recomputed).
@@ -76,10 +76,10 @@ class ModelConfig:
     "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"); not architecture:
     the same weights load under any policy.
   layer_loop: how the stacked layers run: "scan" (one XLA while loop: compile time independent
-    of depth), "unroll" (the same scan unrolled: no per-iteration slicing and stacking of
-    weights, activations and gradients; a CPU train step of the LLaDA-shaped 4x256 bench model
-    is about 9% faster), or "auto" (unroll on CPU, scan on accelerators). Not architecture:
-    the parameters are stacked [layers, ...] either way.
+    of depth) or "unroll" (the same scan unrolled: no per-iteration slicing and stacking of
+    activations and gradients; on CPU a train step of the LLaDA-shaped 4x256 bench model is
+    about 9% faster, a sampling step about 10% slower). Not architecture: the parameters are
+    stacked [layers, ...] either way; training picks it with `train.layer_loop`.
   """
 
   family: str
@@ -113,7 +113,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   attention_impl: str = "auto"
   remat: str = "none"
-  layer_loop: str = "auto"
+  layer_loop: str = "scan"
   copy_head: bool = False
 
   def __post_init__(self):
@@ -454,10 +454,9 @@ class MaskedDiffusionTransformer(nn.Module):
     if REMAT_POLICIES[cfg.remat] is not None:
       block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[cfg.remat]),
                        static_argnums=(), prevent_cse=False)
-    unroll = cfg.layer_loop == "unroll" or (cfg.layer_loop == "auto" and jax.default_backend() == "cpu")
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
-                     metadata_params={nn.PARTITION_NAME: "layers"}, unroll=True if unroll else 1)
+                     metadata_params={nn.PARTITION_NAME: "layers"}, unroll=True if cfg.layer_loop == "unroll" else 1)
     layer_cache = None if cache is None else (cache.k, cache.v)
     x, (kv, per_layer) = layers(cfg, collect_kv=return_cache, collect_hidden=hidden_layer >= 0,
                                 name="layers")(x, rope, mask, layer_cache)

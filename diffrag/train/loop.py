@@ -78,6 +78,7 @@ class LoopSpec:
   vocab_tile: int = 0              # > 0: cross-entropy over vocabulary tiles of this size (no [tokens, V] logits)
   remat: str = "none"              # rematerialisation of each layer: none | full | dots_saveable | ...
   loss_tokens: int = 0             # > 0: the output layer on the masked positions only, in this many slots per micro-batch
+  layer_loop: str = "auto"         # scan | unroll | auto (unroll on CPU, where it is ~9% faster; scan elsewhere)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +144,13 @@ def compile_step(model: MaskedDiffusionTransformer, params: dict, cfg: TrainConf
 
   Returns (state, step(state, batch, key) -> (state, metrics), batch sharding).
   """
-  if cfg.train.remat != model.config.remat:  # a training setting, not architecture: same params
-    model = type(model)(model.config.replace(remat=cfg.train.remat))
+  loop = cfg.train.layer_loop
+  if loop not in ("auto", "scan", "unroll"):
+    raise ValueError(f"train.layer_loop={loop!r}; expected 'auto', 'scan' or 'unroll'")
+  if loop == "auto":
+    loop = "unroll" if jax.default_backend() == "cpu" else "scan"
+  if (cfg.train.remat, loop) != (model.config.remat, model.config.layer_loop):  # training settings, same params
+    model = type(model)(model.config.replace(remat=cfg.train.remat, layer_loop=loop))
   tx = step_lib.make_optimizer(cfg.optim, cfg.train.steps)
   key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2)
   with mesh_lib.activate(mesh, rules):

@@ -39,8 +39,10 @@ def cmd_demo(args) -> int:
   if args.only in (None, "gr"):
     cfg = config_lib.load(GRConfig, CONFIGS / "gr_minilm_scifact.yaml",
                           [f"data.data_dir={root}", f"out_dir={args.out}/gr"] + list(args.gr))
+    ar_steps = cfg.train.steps if cfg.train.ar_steps is None else cfg.train.ar_steps
     print(f"[2/2] Generative retrieval: {cfg.data.dataset}, {cfg.docids.kind} DocIDs, MiniLM diffusion retriever "
-          f"({cfg.train.steps} steps) and its autoregressive twin ({cfg.train.ar_steps} steps)")
+          f"({cfg.train.steps} steps) and its autoregressive twin "
+          f"({f'{ar_steps} steps' if ar_steps else 'skipped: train.ar_steps=0'})")
     summary = run_gr(cfg)
     c = summary["counts"]
     tables.append(f"DiffuGR on SciFact: {c['eval_queries']} test queries, {c['documents']} documents; recall/MRR "

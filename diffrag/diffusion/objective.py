@@ -71,15 +71,15 @@ class Projected(NamedTuple):
   ids: jax.Array | None = None
 
   def restricted(self, targets: jax.Array):
-    """(Projected over `ids`, targets as positions in ids, ids) or (self, targets, None)."""
+    """(Projected over `ids`, targets as positions in ids), or (self, targets) without ids."""
     if self.ids is None:
-      return self, targets, None
+      return self, targets
     v = self.w.shape[1]
     lookup = jnp.full((v,), -1, jnp.int32).at[self.ids].set(jnp.arange(self.ids.shape[0], dtype=jnp.int32))
     sub = Projected(self.features, jnp.take(self.w, self.ids, axis=1),
                     None if self.b is None else jnp.take(self.b, self.ids),
                     None if self.allowed is None else jnp.take(self.allowed, self.ids, axis=1))
-    return sub, jnp.maximum(lookup[targets], 0), self.ids
+    return sub, jnp.maximum(lookup[targets], 0)
 
 
 def projected_nll(out: Projected, targets: jax.Array, tile: int) -> tuple[jax.Array, jax.Array]:
@@ -128,7 +128,7 @@ def nll_and_hit(out, targets: jax.Array, tile: int = 0) -> tuple[jax.Array, jax.
   """(nll [B, n], hit [B, n] bool: the target is the arg max) from logits [B, n, V], or from
   `Projected` (in vocabulary tiles of `tile` when tile > 0)."""
   if isinstance(out, Projected):
-    out, targets, _ = out.restricted(targets)
+    out, targets = out.restricted(targets)
     if tile <= 0:
       logits = matmul(out.features, out.w.astype(out.features.dtype))
       if out.b is not None:

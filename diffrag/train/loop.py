@@ -286,7 +286,7 @@ def run(cfg: TrainConfig, *, batches: Iterator[dict] | None = None, stop_after: 
              "grad_norm": float(metrics["grad_norm"]), "lr": float(lr_fn(step)),
              "tokens_per_s": tokens_done / max(now - t_last, 1e-9),
              **{f"step_{k}": v / max(n, 1) for k, v in split.items()}}
-      if cfg.train.loss_tokens > 0:  # share of steps whose masked tokens did not fit the budget (full path)
+      if cfg.train.loss_tokens > 0:  # micro-batches per step whose masked tokens overflowed the budget (full path)
         row["loss_overflow"] = overflows / max(n, 1)
       tokens_done, t_last, overflows = 0, now, 0
       split = dict.fromkeys(split, 0.0)

@@ -216,6 +216,16 @@ def test_dream_hidden_switch_reads_the_state_at_i_minus_1(tmp_path):
     generate(llada, lparams, prompt, T.llada(), jax.random.key(0), gen_length=4, steps=4, hidden_offset=1)
 
 
+def test_eos_first_reads_the_first_forward_pass_only():
+  from diffrag.rag.pipeline import eos_first
+  eos = (9,)
+  assert eos_first([5, 9, 9], [2, 1, 0], eos)              # the padding end first
+  assert not eos_first([5, 9, 9], [0, 1, 2], eos)          # an answer token first
+  assert not eos_first([5, 9, 9], [0, 0, 1], eos)          # EOS and a word together
+  assert eos_first([5, 9, 9], [1, 0, 0], eos)
+  assert not eos_first([5, 9, 9], [-1, -1, -1], eos)       # nothing committed
+
+
 def test_spread_bad_switches():
   with pytest.raises(ValueError, match="alpha must be in"):
     spread(1.5)
@@ -277,6 +287,8 @@ def test_rag_pipeline_end_to_end_and_resume(tmp_path, capsys):
   for x in lines:
     assert len(x["drift_curve"]) == x["forward_passes"] == 8 and len(x["passage_ids"]) == 2
     assert len(x["commit_step"]) == 8 and sorted(x["commit_step"]) == list(range(8))  # one commit per step
+    assert isinstance(x["eos_first"], bool)
+  assert all(0 <= r["eos_first_%"] <= 100 for r in summary["methods"])
   spread_row = next(r for r in summary["methods"] if r["method"] == "spread_a0.5")
   assert spread_row["n"] == 3 and "[" in spread_row["d_f1"] and spread_row["p_f1"]
   assert spread_row["compiles_in_timed"] == 0 and spread_row["train_steps"] == 2

@@ -632,12 +632,21 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
                  "answer_in_prompt": answer_in(prompt_text, r["answers"]),
                  "prediction": tok.decode(answers[i], skip_special_tokens=True).strip(),
                  "commit_step": sample_.commit_step[i].tolist(),
+                 "eos_first": eos_first(gen_ids[i], sample_.commit_step[i], stops),
                  "drift_curve": [None if np.isnan(v) else round(float(v), 5) for v in curves[i]],
                  "forward_passes": int(sample_.num_forward)}
           sink.write(json.dumps(rec) + "\n")
           sink.flush()
           done[(set_name, name, r["id"])] = rec
   return watches
+
+
+def eos_first(gen_ids, commit_step, eos) -> bool:
+  """Whether the first forward pass committed only EOS (the canvas filled from its padding end).
+
+  gen_ids, commit_step: [G] (commit_step -1 = never committed)."""
+  first = np.asarray(gen_ids)[np.asarray(commit_step) == 0]
+  return bool(first.size) and bool(np.isin(first, np.asarray(list(eos))).all())
 
 
 QUERY_TOKENS = 64  # questions are padded to this length for h_q (positions ignore the padding)
@@ -702,6 +711,7 @@ def _per_question(cfg, recs, passages) -> dict[str, np.ndarray]:
   out["copy_rate"] = np.array([100 * M.copy_rate(r["prediction"], [p["text"] for p in passages.get(r["id"], [])])
                                for r in recs])
   out["rsd"] = np.array([d["rsd"] for d in drift], np.float64)
+  out["eos_first"] = np.array([100.0 * r["eos_first"] if "eos_first" in r else np.nan for r in recs])
   return out
 
 
@@ -737,7 +747,8 @@ def _summarize(cfg: RagConfig, done: dict, report: dict, methods, timings: dict,
              "distinct_%": round(100 * len({r["prediction"] for r in recs}) / len(recs), 1),
              "copy_rate": round(float(q["copy_rate"].mean()), 2),
              "rsd": round(float(np.nanmean(q["rsd"])), 4) if np.isfinite(q["rsd"]).any() else "",
-             "answer_in_prompt_%": round(100 * float(np.mean([r["answer_in_prompt"] for r in recs])), 1)}
+             "answer_in_prompt_%": round(100 * float(np.mean([r["answer_in_prompt"] for r in recs])), 1),
+             "eos_first_%": round(float(np.nanmean(q["eos_first"])), 1) if np.isfinite(q["eos_first"]).any() else ""}
       if base is not None and name != "baseline":
         for key in ("f1", "precision", "em"):
           c = stats.compare(q[key], base[2][key])

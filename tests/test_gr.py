@@ -321,18 +321,26 @@ def test_gr_pipeline_end_to_end_counts_bad_records(tmp_path, capsys):
   import json
   from diffrag import config as config_lib
   from diffrag.gr.pipeline import GRConfig, run_gr
-  _beir(tmp_path / "data" / "toy")
+  root = tmp_path / "data" / "toy"
+  _beir(root)
+  with open(root / "queries.jsonl", "a") as f:  # a test query about a document a training query (q2) points at
+    f.write("\n" + json.dumps({"_id": "q6", "text": "barking dogs"}))
+  with open(root / "qrels" / "test.tsv", "a") as f:
+    f.write("q6\td2\t1\n")
   cfg = config_lib.load(GRConfig, None, _gr_overrides(tmp_path))
   summary = run_gr(cfg, progress=False)
   c = summary["counts"]
-  assert c["eval_queries"] == 2 and c["eval_queries_dropped_relevant_not_in_corpus"] == 1
+  assert c["eval_queries"] == 3 and c["eval_queries_dropped_relevant_not_in_corpus"] == 1
   assert c["eval_queries_in_training_removed"] == 1  # q1 is a test query: never trained on
+  # seen: q6 (d2 is q2's document); unseen: q1 (its only training query was itself, removed) and q4
+  assert c["eval_queries_seen"] == 1 and c["eval_queries_unseen"] == 2
   assert c["training_pairs"] == {"query": 2 * 2, "indexing": 5, "pseudo_query": 4}  # "Bees make honey." < 4 words
   assert json.loads((tmp_path / "out" / "docids.json").read_text())["suffixed_duplicates"] == 1
   rows = {r["method"]: r for r in summary["methods"]}
   assert {"bm25", "diffusion_T1", "diffusion_T6_constrained", "pseudo_beam_B2", "beam_B2", "one_pass_top3",
           "one_pass_elbo_rerank2", "ar_beam_B2"} <= set(rows)
   for name, r in rows.items():
+    assert r["recall@10"] == pytest.approx((r["recall@10_seen"] + 2 * r["recall@10_unseen"]) / 3, abs=0.01)
     if name.endswith("_constrained") or name.startswith(("beam", "ar_beam", "one_pass")):
       assert r["invalid_%"] in (0, 0.0)
     if name != "bm25":
@@ -402,6 +410,7 @@ def test_gr_zero_shot_folder_and_empty_documents(tmp_path):
   assert c["zero_shot"] and c["train_queries"] == 0 and c["training_pairs"]["query"] == 0
   assert c["empty_documents_dropped"] == 1 and c["qrels_pointing_at_dropped_documents"] == 1
   assert c["eval_queries"] == 2  # q1, q4 (q3 pointed only at the dropped document, q5 at a missing one)
+  assert c["eval_queries_seen"] == 0 and all(r["recall@10_seen"] == "" for r in summary["methods"])
   with pytest.raises(ValueError, match="no training pairs"):
     run_gr(config_lib.load(GRConfig, None, over + ["data.empty_docs=drop", "train.indexing=false",
                                                    "train.pseudo_queries=0"]), progress=False)

@@ -200,6 +200,11 @@ def left_pad(rows, length: int, pad_id: int):
   return ids, mask
 
 
+def _mean_pct(x: np.ndarray):
+  """100 x the mean, or "" for an empty group."""
+  return round(100 * float(x.mean()), 2) if x.size else ""
+
+
 def training_pairs(cfg: GRConfig, tok, corpus, queries, train_qrels, table: DocIDTable, index: dict):
   """[(prompt ids, DocID ids)] and counts per kind."""
   p = cfg.train.query_tokens
@@ -364,7 +369,13 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   leaked = [q for q in train_qrels if q in eval_qrels or " ".join(queries[q].lower().split()) in eval_text]
   for q in leaked:
     del train_qrels[q]
+  # "seen": a relevant document of the query is the DocID of a training query pair (the rest are reached
+  # through indexing and pseudo-queries alone); metrics are split along it (DSI / NCI report the same split)
+  relevant = lambda rel: {d for d, v in rel.items() if v > 0}
+  queried = set().union(*map(relevant, train_qrels.values()))
+  seen_of = {q: bool(relevant(eval_qrels[q]) & queried) for q in eval_ids}
   counts.update({"train_queries": len(train_qrels), "eval_queries": len(eval_ids),
+                 "eval_queries_seen": sum(seen_of.values()), "eval_queries_unseen": len(eval_ids) - sum(seen_of.values()),
                  "train_queries_dropped_relevant_not_in_corpus": dropped_train,
                  "eval_queries_dropped_relevant_not_in_corpus": dropped_eval,
                  "eval_queries_in_training_removed": len(leaked), "zero_shot": info["zero_shot"]})
@@ -413,7 +424,8 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
     ranked = {q: [(corpus.ids[d], s) for d, s in r] for q, r in zip(eval_ids, rankings)}
     trec.write_run(out / f"run_{name}.trec", ranked, tag=name)
     run = trec.read_run(out / f"run_{name}.trec")
-    _, scores = trec.per_query(run, eval_qrels)
+    qids, scores = trec.per_query(run, eval_qrels)
+    seen = np.array([seen_of[q] for q in qids], bool)
     per_query[name] = scores
     extra = trec.evaluate(run, eval_qrels, known_docs=known)
     r10, nd = stats.bootstrap_ci(scores["recall@10"]), stats.bootstrap_ci(scores["ndcg@10"])
@@ -424,6 +436,8 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
            "recall@100": round(100 * float(scores["recall@100"].mean()), 2),
            "mrr@10": round(100 * float(scores["mrr@10"].mean()), 2),
            "ndcg@10": round(100 * nd[0], 2), "ndcg@10_ci": f"[{100 * nd[1]:.2f}, {100 * nd[2]:.2f}]",
+           "recall@10_seen": _mean_pct(scores["recall@10"][seen]),
+           "recall@10_unseen": _mean_pct(scores["recall@10"][~seen]),
            "invalid_%": round(100 * decoded.invalid / max(len(eval_ids) * samples, 1), 2)
            if decoded is not None else "",
            "forward_passes": round(decoded.forward, 2) if decoded is not None else "",

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffrag.report import write_table
+from diffrag.report import markdown_table, write_table
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -226,6 +226,19 @@ def cmd_bench(args) -> int:
   return 0
 
 
+def cmd_compare(args) -> int:
+  from diffrag.experiment.compare import compare_runs
+  rows = compare_runs(args.control, args.treatment, args.group or None, args.metric or None)
+  out = Path(args.out) if args.out else None
+  table = write_table(rows, out, "compare") if out else markdown_table(rows)
+  print(f"control: {args.control}\ntreatment: {args.treatment}\n(paired on the items both runs evaluated: mean "
+        "difference [95% bootstrap interval], * = significant, p = randomization test)\n")
+  print(table)
+  if out:
+    print(f"compare.md / compare.csv in {out}/")
+  return 0
+
+
 def cmd_info(args) -> int:
   from diffrag.models import num_params, read_hf_config
   from diffrag.models.families import config_from_hf
@@ -288,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--only", default=None, help="run one section: sampler | train | encode | remat | ar | gr | reader")
   bench.add_argument("--data-dir", default=None)
   bench.set_defaults(fn=cmd_bench)
+  compare = sub.add_parser("compare", help="paired comparison of two rag (or two gr) run folders on their shared "
+                                           "questions / queries: difference, 95%% interval, p, n per method")
+  compare.add_argument("control", help="out_dir of the reference run")
+  compare.add_argument("treatment", help="out_dir of the run with the change")
+  compare.add_argument("--group", action="append", help="only this method (RAG: dataset/method, e.g. "
+                                                        "squad_v1:dev/baseline; GR: e.g. one_pass_top100); repeatable")
+  compare.add_argument("--metric", action="append", help="only this metric (RAG: f1 em precision answer_words; "
+                                                         "GR: ndcg@10 recall@1 recall@10 recall@100 mrr@10)")
+  compare.add_argument("--out", default=None, help="also write compare.md / compare.csv here")
+  compare.set_defaults(fn=cmd_compare)
   info = sub.add_parser("info", help="print the config a checkpoint directory loads as")
   info.add_argument("--checkpoint", required=True)
   info.set_defaults(fn=cmd_info)

@@ -7,18 +7,29 @@ import io
 from pathlib import Path
 
 
-def write_table(rows: list[dict], out: Path, name: str) -> str:
-  """Writes rows as `name.md` and `name.csv` under `out`; returns the Markdown.
+def _columns(rows: list[dict]) -> list[str]:
+  return list(dict.fromkeys(k for r in rows for k in r))
 
-  Columns are the union of the rows' keys in first-seen order; a missing value is blank.
-  """
+
+def _cell(r: dict, c: str) -> str:
+  return str(r.get(c, ""))
+
+
+def markdown_table(rows: list[dict]) -> str:
+  """Rows as a Markdown table: columns are the union of the rows' keys in first-seen order; a
+  missing value is blank."""
+  cols = _columns(rows)
+  md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  md += ["| " + " | ".join(_cell(r, c) for c in cols) + " |" for r in rows]
+  return "\n".join(md) + "\n"
+
+
+def write_table(rows: list[dict], out: Path, name: str) -> str:
+  """Writes rows as `name.md` (`markdown_table`) and `name.csv` under `out`; returns the Markdown."""
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  cols = list(dict.fromkeys(k for r in rows for k in r))
-  cell = lambda r, c: str(r.get(c, ""))
-  md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  md += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
-  text = "\n".join(md) + "\n"
+  cols, cell = _columns(rows), _cell
+  text = markdown_table(rows)
   (out / f"{name}.md").write_text(text)
   buf = io.StringIO()
   writer = csv.writer(buf)

@@ -114,6 +114,49 @@ def test_paired_statistics():
   assert stats.fmt_diff(better).endswith("*") and stats.fmt_diff(noise).endswith("(n.s.)") or noise["significant"]
 
 
+def _rag_run(folder, predictions):
+  folder.mkdir(parents=True)
+  rows = [{"dataset": "squad_v1:dev", "method": m, "id": i, "answers": [gold], "prediction": pred}
+          for m, i, gold, pred in predictions]
+  (folder / "predictions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_compare_pairs_two_runs_on_their_shared_items(tmp_path, capsys):
+  from diffrag.cli import main
+  from diffrag.experiment.compare import compare_runs
+  golds = [f"answer {k}" for k in range(40)]
+  _rag_run(tmp_path / "a", [("baseline", f"q{k}", g, "answer" if k % 2 else g) for k, g in enumerate(golds)]
+           + [("baseline", "only_a", "x", "x")])
+  _rag_run(tmp_path / "b", [("baseline", f"q{k}", g, g) for k, g in enumerate(golds)]
+           + [("spread_a1", "q0", "x", "x")])
+  rows = {r["metric"]: r for r in compare_runs(tmp_path / "a", tmp_path / "b")}
+  assert set(rows) == {"f1", "em", "precision", "answer_words"}  # spread_a1 is in one run only: not compared
+  em = rows["em"]
+  # 20 of 40 questions go from a one-word partial answer (EM 0) to the exact answer (EM 100)
+  assert em["n"] == 40 and em["control"] == 50.0 and em["treatment"] == 100.0 and em["only_control"] == 1
+  assert em["d (treatment - control)"].startswith("+50.00") and em["d (treatment - control)"].endswith("*")
+  assert rows["answer_words"]["control"] == 1.5 and rows["answer_words"]["treatment"] == 2.0
+  # GR: per-query scores from metrics.json, paired by query id whatever their order
+  for name, ids, r10 in (("c", ["q1", "q2", "q3"], [1.0, 0.0, 0.5]), ("t", ["q3", "q2", "q1"], [0.5, 1.0, 1.0])):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "metrics.json").write_text(json.dumps(
+        {"eval_query_ids": ids, "per_query": {"one_pass_top100": {"recall@10": r10, "ndcg@10": r10}}}))
+  (row,) = compare_runs(tmp_path / "c", tmp_path / "t", metrics=["recall@10"])
+  assert row["n"] == 3 and row["control"] == 50.0 and row["treatment"] == pytest.approx(83.33)
+  assert main(["compare", str(tmp_path / "c"), str(tmp_path / "t"), "--metric", "ndcg@10",
+               "--out", str(tmp_path / "out")]) == 0
+  assert "one_pass_top100 | ndcg@10 | 3" in capsys.readouterr().out and (tmp_path / "out" / "compare.csv").exists()
+  with pytest.raises(ValueError, match="compare runs of one kind"):
+    compare_runs(tmp_path / "a", tmp_path / "c")
+  with pytest.raises(ValueError, match=r"not in both runs; both have \['squad_v1:dev/baseline'\]"):
+    compare_runs(tmp_path / "a", tmp_path / "b", groups=["squad_v1:dev/spread_a1"])
+  with pytest.raises(ValueError, match="metric 'f2'"):
+    compare_runs(tmp_path / "a", tmp_path / "b", metrics=["f2"])
+  with pytest.raises(FileNotFoundError, match="no predictions.jsonl"):
+    compare_runs(tmp_path / "a", tmp_path / "missing")
+  assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2  # one clear line, no traceback
+
+
 def test_randomization_test_agrees_with_ranx_fisher():
   """Our sign-flip test is the test ranx.compare runs (Fisher's randomization): same p within MC error."""
   from ranx.statistical_tests import fisher_randomization_test

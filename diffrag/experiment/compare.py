@@ -1,0 +1,92 @@
+"""Paired comparison of two run folders: `diffrag compare CONTROL TREATMENT`.
+
+Two `diffrag rag` (or two `diffrag gr`) runs that differ in one setting (training steps, a
+decoding switch, a data mix) are compared on the items both evaluated, method by method:
+d_i = treatment_i - control_i for every shared question (RAG: F1, EM, precision, answer
+words, from `predictions.jsonl`) or query (GR: nDCG@10, Recall@1/10/100, MRR@10, from the
+per-query scores in `metrics.json`), with the 95% paired bootstrap interval of mean(d), the
+randomization p-value and n (`diffrag.experiment.stats.compare`). Items only one run has are
+counted, never paired.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from diffrag.experiment import stats
+
+RAG_METRICS = ("f1", "em", "precision", "answer_words")
+GR_METRICS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10")
+
+
+def load_scores(out_dir: str | Path) -> tuple[str, dict[str, dict[str, dict[str, float]]]]:
+  """(kind, {group: {item id: {metric: value}}}) of one run folder.
+
+  RAG (`predictions.jsonl`): group = "dataset/method", items = question ids, metrics in %
+  (answer_words in words). GR (`metrics.json` with per-query scores): group = the row's
+  method, items = query ids, metrics in %.
+  """
+  out = Path(out_dir)
+  preds, metrics = out / "predictions.jsonl", out / "metrics.json"
+  if preds.exists():
+    from diffrag.rag.metrics import qa_scores  # pylint: disable=import-outside-toplevel
+    groups: dict[str, dict[str, dict[str, float]]] = {}
+    for n, line in enumerate(preds.read_text().splitlines(), 1):
+      if not line.strip():
+        continue
+      r = json.loads(line)
+      s = qa_scores(r["prediction"], r["answers"])
+      groups.setdefault(f"{r.get('dataset', '')}/{r['method']}", {})[r["id"]] = {
+          "f1": 100 * s["f1"], "em": 100 * s["em"], "precision": 100 * s["precision"],
+          "answer_words": float(s["length"])}
+    return "rag", groups
+  if metrics.exists():
+    summary = json.loads(metrics.read_text())
+    if "per_query" in summary and "eval_query_ids" in summary:
+      ids = summary["eval_query_ids"]
+      groups = {}
+      for method, scores in summary["per_query"].items():
+        cols = {m: scores[m] for m in GR_METRICS if m in scores}
+        if any(len(v) != len(ids) for v in cols.values()):
+          raise ValueError(f"{metrics}: the per-query scores of {method!r} do not match its {len(ids)} query ids")
+        groups[method] = {q: {m: 100 * float(v[i]) for m, v in cols.items()} for i, q in enumerate(ids)}
+      return "gr", groups
+  raise FileNotFoundError(f"{out} holds no predictions.jsonl (a `diffrag rag` run) nor a metrics.json with "
+                          "per-query scores (a `diffrag gr` run): give the out_dir of a finished run")
+
+
+def compare_runs(control: str | Path, treatment: str | Path, groups: list[str] | None = None,
+                 metrics: list[str] | None = None) -> list[dict]:
+  """One row per (group, metric) that both runs have: means, paired difference, interval, p, n."""
+  kind_c, c = load_scores(control)
+  kind_t, t = load_scores(treatment)
+  if kind_c != kind_t:
+    raise ValueError(f"{control} is a {kind_c} run and {treatment} a {kind_t} run: compare runs of one kind")
+  shared = [g for g in c if g in t]
+  if groups:
+    unknown = [g for g in groups if g not in shared]
+    if unknown:
+      raise ValueError(f"group(s) {unknown} are not in both runs; both have {shared}")
+    shared = list(groups)
+  if not shared:
+    raise ValueError(f"the runs share no method: {control} has {sorted(c)}, {treatment} has {sorted(t)}")
+  names = list(metrics or (RAG_METRICS if kind_c == "rag" else GR_METRICS))
+  rows = []
+  for g in shared:
+    ids = sorted(set(c[g]) & set(t[g]))
+    if not ids:
+      raise ValueError(f"{g}: the runs evaluated no common item (different questions or queries)")
+    for m in names:
+      if m not in c[g][ids[0]] or m not in t[g][ids[0]]:
+        raise ValueError(f"metric {m!r} is not in both runs' {g}; expected one of {sorted(c[g][ids[0]])}")
+      a = np.array([c[g][i][m] for i in ids])
+      b = np.array([t[g][i][m] for i in ids])
+      cmp = stats.compare(b, a)
+      rows.append({"group": g, "metric": m, "n": len(ids), "control": round(float(a.mean()), 2),
+                   "treatment": round(float(b.mean()), 2), "d (treatment - control)": stats.fmt_diff(cmp),
+                   "p": stats.fmt_p(cmp["p"]), "only_control": len(c[g]) - len(ids),
+                   "only_treatment": len(t[g]) - len(ids)})
+  return rows

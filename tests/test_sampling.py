@@ -149,6 +149,18 @@ def test_top_p_and_top_k_follow_dream():
   assert kept(T.top_k(3)).tolist() == [True, True, True, False]
 
 
+def test_topk_margin_is_the_gap_between_the_two_most_likely_tokens():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 300)).astype(np.float32)
+  logits[0, 0, [3, 7]] = 9.0                                        # a tie at the top: margin 0
+  view = _view(np.ones(5, bool), logits=jnp.asarray(logits))
+  got = np.asarray(T.topk_margin().update(view, (), jax.random.key(0))[0].score)
+  p = np.asarray(jax.nn.softmax(jnp.asarray(logits), -1))
+  top2 = np.sort(p, -1)[..., ::-1][..., :2]
+  np.testing.assert_array_equal(got, top2[..., 0] - top2[..., 1])  # the same floats as a sort
+  assert got[0, 0] == 0.0
+
+
 def test_gumbel_float64_matches_numpy(monkeypatch):
   jax.config.update("jax_enable_x64", True)
   try:

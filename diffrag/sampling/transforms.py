@@ -251,8 +251,13 @@ def topk_margin() -> ScoreTransform:
   """score <- p_(1) - p_(2), the margin between the two most likely tokens (Dream 'topk_margin')."""
 
   def fn(view, key):
-    top2 = jax.lax.top_k(_probs(view), 2)[0]
-    return view.replace(score=top2[..., 0] - top2[..., 1])
+    # the two largest by max, not lax.top_k: XLA's CPU backend turns a values-only top-k into a
+    # full sort of the vocabulary (2.2 s vs 0.09 s at [16, 32, 30522]); the same floats either way
+    p = _probs(view)
+    first = jnp.argmax(p, axis=-1)
+    p1 = jnp.max(p, axis=-1)
+    p2 = jnp.max(jnp.where(jnp.arange(p.shape[-1]) == first[..., None], -jnp.inf, p), axis=-1)
+    return view.replace(score=p1 - p2)
   return stateless(fn)
 
 

@@ -583,7 +583,7 @@ def bench_reader(out: Path, data_dir: str | None = None) -> list[dict]:
   """Fast-dLLM threshold decoding against the exact sampler on the trained long reader (SQuAD
   dev and MuSiQue-100): F1/EM paired with exact, tokens/s and forward passes
   (`diffrag.rag.parallel`). The reader is the artefact `diffrag rag --config READER_CONFIG`
-  trains; without it, it is trained first (about 50 minutes on 2 cores, resumable)."""
+  trains; without it, it is trained first (about 31 minutes on 2 cores, resumable)."""
   from diffrag.rag.parallel import decoding_sweep  # pylint: disable=import-outside-toplevel
   over = [f"data.data_dir={data_dir}"] if data_dir else []
   return decoding_sweep(READER_CONFIG, over, Path("outputs/bench/reader"))  # runs (predictions) stay out of bench/

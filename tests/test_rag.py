@@ -47,6 +47,14 @@ def test_official_squad_v1_examples():
     assert s["em"] == em and s["f1"] == pytest.approx(f1)
 
 
+def test_cut_short_answers():
+  assert M.cut_short("Denver", ["Denver Broncos", "the Broncos"])            # a strict part of an alias
+  assert not M.cut_short("the Denver Broncos", ["Denver Broncos"])          # exact after normalisation
+  assert not M.cut_short("Den", ["Denver Broncos"])                         # not word-aligned
+  assert not M.cut_short("Broncos", ["Broncos", "Denver Broncos"])          # exact with one alias
+  assert not M.cut_short("", ["Denver"]) and not M.cut_short("Carolina", ["Denver Broncos"])
+
+
 def test_copy_rate_and_rsd():
   assert M.copy_rate("Paris is nice", ["I like Paris.", "It is big"]) == pytest.approx(2 / 3)
   r = M.rsd([np.nan, 0.2, 0.8, 0.6, 0.4])
@@ -288,7 +296,7 @@ def test_rag_pipeline_end_to_end_and_resume(tmp_path, capsys):
     assert len(x["drift_curve"]) == x["forward_passes"] == 8 and len(x["passage_ids"]) == 2
     assert len(x["commit_step"]) == 8 and sorted(x["commit_step"]) == list(range(8))  # one commit per step
     assert isinstance(x["eos_first"], bool)
-  assert all(0 <= r["eos_first_%"] <= 100 for r in summary["methods"])
+  assert all(0 <= r["eos_first_%"] <= 100 and 0 <= r["cut_short_%"] <= 100 for r in summary["methods"])
   spread_row = next(r for r in summary["methods"] if r["method"] == "spread_a0.5")
   assert spread_row["n"] == 3 and "[" in spread_row["d_f1"] and spread_row["p_f1"]
   assert spread_row["compiles_in_timed"] == 0 and spread_row["train_steps"] == 2

@@ -47,6 +47,15 @@ def qa_scores(pred: str, golds: Sequence[str]) -> dict[str, float]:
           "length": float(len(normalize_answer(pred).split()))}
 
 
+def cut_short(pred: str, golds: Sequence[str]) -> bool:
+  """The (normalised) prediction is a strict, word-aligned part of a gold answer: the right
+  place in the passage, cut short (no exact match with any alias)."""
+  p = normalize_answer(pred)
+  if not p or any(p == normalize_answer(g) for g in golds):
+    return False
+  return any(f" {p} " in f" {normalize_answer(g)} " for g in golds)
+
+
 def copy_rate(pred: str, passages: Sequence[str]) -> float:
   """Share of the answer's (normalised) word types that occur in the retrieved passages."""
   words = set(normalize_answer(pred).split())

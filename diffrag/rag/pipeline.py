@@ -711,6 +711,7 @@ def _per_question(cfg, recs, passages) -> dict[str, np.ndarray]:
   out["copy_rate"] = np.array([100 * M.copy_rate(r["prediction"], [p["text"] for p in passages.get(r["id"], [])])
                                for r in recs])
   out["rsd"] = np.array([d["rsd"] for d in drift], np.float64)
+  out["cut_short"] = np.array([100.0 * M.cut_short(r["prediction"], r["answers"]) for r in recs])
   out["eos_first"] = np.array([100.0 * r["eos_first"] if "eos_first" in r else np.nan for r in recs])
   return out
 
@@ -748,6 +749,7 @@ def _summarize(cfg: RagConfig, done: dict, report: dict, methods, timings: dict,
              "copy_rate": round(float(q["copy_rate"].mean()), 2),
              "rsd": round(float(np.nanmean(q["rsd"])), 4) if np.isfinite(q["rsd"]).any() else "",
              "answer_in_prompt_%": round(100 * float(np.mean([r["answer_in_prompt"] for r in recs])), 1),
+             "cut_short_%": round(float(q["cut_short"].mean()), 1),
              "eos_first_%": round(float(np.nanmean(q["eos_first"])), 1) if np.isfinite(q["eos_first"]).any() else ""}
       if base is not None and name != "baseline":
         for key in ("f1", "precision", "em"):

@@ -28,13 +28,13 @@ def write_table(rows: list[dict], out: Path, name: str) -> str:
   """Writes rows as `name.md` (`markdown_table`) and `name.csv` under `out`; returns the Markdown."""
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  cols, cell = _columns(rows), _cell
+  cols = _columns(rows)
   text = markdown_table(rows)
   (out / f"{name}.md").write_text(text)
   buf = io.StringIO()
   writer = csv.writer(buf)
   writer.writerow(cols)
-  writer.writerows([[cell(r, c) for c in cols] for r in rows])
+  writer.writerows([[_cell(r, c) for c in cols] for r in rows])
   (out / f"{name}.csv").write_text(buf.getvalue())
   return text
 

@@ -34,7 +34,7 @@ def load_scores(out_dir: str | Path) -> tuple[str, dict[str, dict[str, dict[str,
   if preds.exists():
     from diffrag.rag.metrics import qa_scores  # pylint: disable=import-outside-toplevel
     groups: dict[str, dict[str, dict[str, float]]] = {}
-    for n, line in enumerate(preds.read_text().splitlines(), 1):
+    for line in preds.read_text().splitlines():
       if not line.strip():
         continue
       r = json.loads(line)

@@ -9,9 +9,11 @@ import pytest
 
 from diffrag.models import from_pretrained, load_tokenizer, minilm_path
 from diffrag.rag import metrics as M
+from diffrag.rag import pipeline as P
 from diffrag.rag.prompts import PromptSpec, build_prompt
 from diffrag.rag.spread import query_representation, relevance, spread
-from diffrag.retrieval import BM25Retriever, Corpus, DenseRetriever, MiniLMEncoder, cut_passages
+from diffrag.retrieval import (BM25Retriever, Corpus, DenseRetriever, HybridRetriever, MiniLMEncoder, cut_passages,
+                               reciprocal_rank_fusion)
 from diffrag.sampling import transforms as T
 from diffrag.sampling.sampler import generate
 from tests import hf_fixtures as hf
@@ -85,6 +87,42 @@ def test_bm25_and_dense_return_the_right_documents(tmp_path):
   assert list(tmp_path.glob("emb-*.npy"))  # cached, keyed by corpus and encoder
   again = DenseRetriever(corpus, dense.encoder, cache_dir=tmp_path, progress=False)
   np.testing.assert_array_equal(again.embeddings, dense.embeddings)
+
+
+def test_reciprocal_rank_fusion_by_hand():
+  """score(d) = sum_r 1 / (c + rank_r(d)), ranks from 1; absent documents add nothing."""
+  a = np.array([[0, 1, 2], [5, 4, 3]])
+  b = np.array([[2, 1], [3, 9]])
+  idx, s = reciprocal_rank_fusion([a, b], k=4, c=1.0)
+  # query 0: d0 = 1/2, d1 = 1/3 + 1/3, d2 = 1/4 + 1/2; query 1: d3 = 1/4 + 1/2, d5 = 1/2, d4 = d9 = 1/3
+  assert idx.shape == (2, 3)  # k is capped by the row with the fewest distinct documents (3)
+  assert idx[0].tolist() == [2, 1, 0] and s[0] == pytest.approx([0.75, 2 / 3, 0.5])
+  assert idx[1].tolist() == [3, 5, 4] and s[1] == pytest.approx([0.75, 0.5, 1 / 3])
+  idx, _ = reciprocal_rank_fusion([a[1:], b[1:]], k=4, c=1.0)
+  assert idx[0].tolist() == [3, 5, 4, 9]  # the d4/d9 tie goes to the smaller index
+  with pytest.raises(ValueError, match="same queries"):
+    reciprocal_rank_fusion([a, b[:1]], k=2)
+
+
+def test_hybrid_retriever_fuses_bm25_and_dense(tmp_path):
+  corpus = Corpus.from_records(DOCS)
+  bm25 = BM25Retriever(corpus)
+  dense = DenseRetriever(corpus, MiniLMEncoder(), cache_dir=tmp_path, progress=False)
+  queries = ["which insects produce honey from nectar", "lava erupting from a volcano", "how does the king move"]
+  hybrid = HybridRetriever([bm25, dense])
+  idx, scores = hybrid.search(queries, k=3)
+  assert [corpus.ids[i[0]] for i in idx] == ["d2", "d1", "d4"] and (np.diff(scores, axis=1) <= 0).all()
+  # the same as fusing the two full rankings by hand
+  ref, _ = reciprocal_rank_fusion([bm25.search(queries, 4)[0], dense.search(queries, 4)[0]], k=3)
+  np.testing.assert_array_equal(idx, ref)
+  with pytest.raises(ValueError, match="different sizes"):
+    HybridRetriever([bm25, BM25Retriever(Corpus.from_records(DOCS[:2]))])
+  # the RAG pipeline's `retrieval.retriever=hybrid`
+  cfg = P.RagConfig(retrieval=P.RetrievalSpec(retriever="hybrid", k=2, max_chars=12, cache_dir=str(tmp_path)))
+  got = P.retrieve(cfg, [{"id": "q", "question": queries[0]}], corpus)
+  assert [p["id"] for p in got["q"]] == [corpus.ids[i] for i in idx[0, :2]] and len(got["q"][0]["text"]) == 12
+  with pytest.raises(ValueError, match="expected dense, bm25, hybrid or gold"):
+    P.retrieve(P.RagConfig(retrieval=P.RetrievalSpec(retriever="splade")), [], corpus)
 
 
 def test_minilm_embeddings_match_sentence_transformers_recipe():

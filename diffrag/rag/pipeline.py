@@ -60,7 +60,9 @@ class RagData:
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalSpec:
-  retriever: str = "dense"        # dense (MiniLM) | bm25 | gold (the passages shipped with each question)
+  retriever: str = "dense"        # dense (MiniLM) | bm25 | hybrid (reciprocal rank fusion of bm25 and dense)
+                                  # | gold (the passages shipped with each question)
+  rrf_c: float = 60.0             # hybrid: score(d) = sum over bm25, dense of 1 / (rrf_c + rank(d))
   corpus: list = dataclasses.field(default_factory=lambda: ["dataset"])  # "dataset" or passage sources
   k: int = 5
   max_chars: int = 2000
@@ -84,6 +86,7 @@ class ReaderSpec:
   extractive: bool = True         # answer with words of the passages only (training softmax and decoding
                                   # restricted to the prompt's tokens + EOS)
   copy_head: bool = True          # a pointer over the prompt as the output distribution (`ModelConfig.copy_head`)
+  dropout: float = 0.0            # hidden dropout while training (`ModelConfig.dropout`; BERT pretrained with 0.1)
   schedule: str = "linear"        # masking schedule of training: linear | cosine | polyK (poly0.5 masks more)
   weighting: str = "elbo"         # loss weight: elbo (the 1/t-weighted bound) | flat (every masked token once)
   bucket: int = 32                # prompts are bucketed by length in steps of this many tokens
@@ -209,17 +212,20 @@ def build_corpus(cfg: RagConfig, records):
 
 def retrieve(cfg: RagConfig, records, corpus, k: int | None = None) -> dict[str, list[dict]]:
   """question id -> top-k passages [{id, text}] (text cut to max_chars)."""
-  from diffrag.retrieval import BM25Retriever, DenseRetriever, default_encoder  # pylint: disable=import-outside-toplevel
+  from diffrag.retrieval import BM25Retriever, DenseRetriever, HybridRetriever, default_encoder  # pylint: disable=import-outside-toplevel
   k, cut = k or cfg.retrieval.k, cfg.retrieval.max_chars
   if cfg.retrieval.retriever == "gold":
     chunks = lambda r: [c for p in r["passages"] for c in chunk_passage(p, cfg.retrieval.chunk_words)]
     return {r["id"]: [{"id": p["id"], "text": corpus_text(p)[:cut]} for p in chunks(r)[:k]] for r in records}
+  dense = lambda: DenseRetriever(corpus, default_encoder(), cache_dir=cfg.retrieval.cache_dir)
   if cfg.retrieval.retriever == "bm25":
     retriever = BM25Retriever(corpus)
   elif cfg.retrieval.retriever == "dense":
-    retriever = DenseRetriever(corpus, default_encoder(), cache_dir=cfg.retrieval.cache_dir)
+    retriever = dense()
+  elif cfg.retrieval.retriever == "hybrid":
+    retriever = HybridRetriever([BM25Retriever(corpus), dense()], c=cfg.retrieval.rrf_c)
   else:
-    raise ValueError(f"retrieval.retriever={cfg.retrieval.retriever!r}; expected dense, bm25 or gold")
+    raise ValueError(f"retrieval.retriever={cfg.retrieval.retriever!r}; expected dense, bm25, hybrid or gold")
   idx, _ = retriever.search([r["question"] for r in records], min(k, len(corpus)))
   return {r["id"]: [{"id": corpus.ids[j], "text": corpus.document(j)[:cut]} for j in row]
           for r, row in zip(records, idx)}
@@ -296,7 +302,8 @@ def reader_request(cfg: RagConfig, train, train_info: dict, spec: PromptSpec) ->
                      "reader.train_data to a QA set with answers, or lower data.holdout")
   pairs, pair_stats, used = _training_prompts(cfg, train, tok, spec)
   g, rd = cfg.generation.gen_length, cfg.reader
-  tcfg = TrainConfig(model=ModelSpec(init="minilm", overrides={"copy_head": rd.copy_head}),
+  dropout = {"dropout": rd.dropout} if rd.dropout else {}  # absent at 0: readers trained before it existed match
+  tcfg = TrainConfig(model=ModelSpec(init="minilm", overrides={"copy_head": rd.copy_head, **dropout}),
                      optim=OptimConfig(lr=rd.lr, warmup_steps=rd.warmup_steps, schedule="cosine", weight_decay=0.01),
                      train=LoopSpec(steps=rd.train_steps, batch_size=rd.batch_size, seed=rd.seed, log_every=25,
                                     checkpoint_every=max(50, rd.train_steps // 6), export=True, loss_window=[-g, g],
@@ -307,7 +314,7 @@ def reader_request(cfg: RagConfig, train, train_info: dict, spec: PromptSpec) ->
               "train_data": {k: train_info.get(k) for k in ("name", "file_fingerprint", "holdout_of")},
               "prompt": spec, "distractors": rd.distractors, "retriever": "dense", "max_chars": cfg.retrieval.max_chars,
               "answer_canvas": g, "bucket": rd.bucket, "extractive": rd.extractive, "copy_head": rd.copy_head,
-              "pairs": array_digest(flat),
+              "pairs": array_digest(flat), **dropout,
               "n_pairs": len(pairs), "optim": tcfg.optim, "train": tcfg.train}
   return ReaderRequest(art_spec, pairs, pair_stats, used, tcfg, tok)
 

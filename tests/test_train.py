@@ -311,6 +311,39 @@ def test_layer_loops_give_the_same_logits_loss_and_gradients():
     cfg.replace(layer_loop="while")
 
 
+def test_dropout_is_a_training_setting():
+  """Dropout is on only in a training forward with a dropout key: inference is unchanged, rate 0
+  trains exactly as a model without it, a positive rate trains differently (with a different
+  mask per key), and an exported checkpoint does not carry it."""
+  import jax.numpy as jnp
+  from diffrag.models import MaskedDiffusionTransformer, init_params, preset
+  from diffrag.models.convert import _beyond_hf
+  from diffrag.train import step as step_lib
+  cfg = preset("tiny-bert")
+  params = init_params(cfg, jax.random.key(0))
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 500, (4, 24)), jnp.int32)
+  batch = {"tokens": ids, "maskable": jnp.ones((4, 24), bool)}
+  plain, dropped = MaskedDiffusionTransformer(cfg), MaskedDiffusionTransformer(cfg.replace(dropout=0.3))
+  ref = plain.apply({"params": params}, ids)
+  np.testing.assert_array_equal(dropped.apply({"params": params}, ids), ref)  # deterministic by default
+  apply = step_lib.model_apply_fn(dropped)
+  a, b = (apply(params, ids, dropout_key=jax.random.key(k)) for k in (0, 1))
+  assert float(jnp.abs(a - ref).max()) > 1e-3 and float(jnp.abs(a - b).max()) > 1e-3
+  np.testing.assert_array_equal(apply(params, ids), ref)
+  # rate 0 with the dropout path on: the same step as without it, given the same mask draw
+  base, _ = _two_steps(plain, params, batch)
+  with_path = _two_steps(plain, params, batch, dropout=True)[0]
+  without = _two_steps(MaskedDiffusionTransformer(cfg.replace(dropout=0.0)), params, batch)[0]
+  same = lambda x, y: max(jax.tree.leaves(jax.tree.map(lambda u, v: float(jnp.max(jnp.abs(u - v))), x, y)))
+  assert same(base.params, without.params) == 0.0
+  assert same(base.params, with_path.params) > 0.0  # the mask key is split off when dropout is on
+  trained = _two_steps(dropped, params, batch, dropout=True)[0]
+  assert same(trained.params, with_path.params) > 1e-6
+  assert "dropout" not in _beyond_hf(cfg.replace(dropout=0.1), cfg)
+  with pytest.raises(ConfigError, match="dropout=1.0"):
+    cfg.replace(dropout=1.0)
+
+
 def test_token_nll_and_hit_match_log_softmax_and_argmax():
   import jax.numpy as jnp
   from diffrag.diffusion.objective import token_nll_and_hit

@@ -228,7 +228,7 @@ def save_pretrained(cfg: ModelConfig, params: dict, path: str | os.PathLike, *,
 # ModelConfig fields a family's config.json cannot say (e.g. a causal, shifted-logit twin of a
 # BERT model trained as an autoregressive baseline) are kept beside it and applied on load.
 SIDECAR = "diffrag_config.json"
-_NOT_ARCHITECTURE = ("dtype", "param_dtype", "attention_impl", "remat", "layer_loop")
+_NOT_ARCHITECTURE = ("dtype", "param_dtype", "attention_impl", "remat", "layer_loop", "dropout")
 
 
 def _beyond_hf(cfg: ModelConfig, from_hf: ModelConfig) -> dict:

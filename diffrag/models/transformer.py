@@ -80,6 +80,9 @@ class ModelConfig:
     activations and gradients; on CPU a train step of the LLaDA-shaped 4x256 bench model is
     about 9% faster, a sampling step about 10% slower). Not architecture: the parameters are
     stacked [layers, ...] either way; training picks it with `train.layer_loop`.
+  dropout: the rate of BERT-style hidden dropout (after the embeddings, on each attention and
+    MLP output before its residual add), active only in a forward with `deterministic=False`
+    and a "dropout" rng; not architecture: a training setting, never written to checkpoints.
   """
 
   family: str
@@ -115,8 +118,11 @@ class ModelConfig:
   remat: str = "none"
   layer_loop: str = "scan"
   copy_head: bool = False
+  dropout: float = 0.0
 
   def __post_init__(self):
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f"ModelConfig.dropout={self.dropout}; expected a rate in [0, 1)")
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"remat policy {self.remat!r} does not exist; valid policies: {list(REMAT_POLICIES)}")
     for field, choices in _CHOICES.items():
@@ -364,20 +370,22 @@ class Block(nn.Module):
   cfg: ModelConfig
   collect_kv: bool = False
   collect_hidden: bool = False
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x: Array, rope, mask, cache=None):
     cfg = self.cfg
     attn, mlp = Attention(cfg, name="attn"), Mlp(cfg, name="mlp")
     norm1, norm2 = Norm(cfg, name="attn_norm"), Norm(cfg, name="mlp_norm")
+    drop = lambda h: nn.Dropout(cfg.dropout, deterministic=self.deterministic)(h)
     if cfg.norm == "rms":
       a, kv = attn(norm1(x), rope, mask, cache)
-      x = x + a
-      x = x + mlp(norm2(x))
+      x = x + drop(a)
+      x = x + drop(mlp(norm2(x)))
     else:
       a, kv = attn(x, rope, mask, cache)
-      x = norm1(x + a)
-      x = norm2(x + mlp(x))
+      x = norm1(x + drop(a))
+      x = norm2(x + drop(mlp(x)))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, (kv if self.collect_kv else None, x if self.collect_hidden else None)
 
@@ -404,6 +412,7 @@ class MaskedDiffusionTransformer(nn.Module):
   projects (after BERT's MLM transform, already aligned for shifted logits), so that
   logits = f @ W + b with (W, b) = `output_projection(config, params)`: a loss can then
   project in vocabulary tiles, or onto a subset of the vocabulary, without [.., V] logits.
+  `deterministic=False` turns on `config.dropout` (training; needs rngs={"dropout": key}).
   """
 
   config: ModelConfig
@@ -413,7 +422,7 @@ class MaskedDiffusionTransformer(nn.Module):
                positions: Array | None = None, return_hidden: bool = False,
                cache: KVCache | None = None, return_cache: bool = False,
                output_window: tuple[Any, int] | None = None, hidden_layer: int = -1, hidden_offset: int = 0,
-               return_features: bool = False):
+               return_features: bool = False, deterministic: bool = True):
     cfg = self.config
     if not -1 <= hidden_layer < cfg.num_layers:
       raise ValueError(f"hidden_layer={hidden_layer}; expected -1 (last layer, after the final norm) "
@@ -439,6 +448,7 @@ class MaskedDiffusionTransformer(nn.Module):
                          name="type_embed")(jnp.zeros_like(input_ids))
     if cfg.norm == "layer":
       x = Norm(cfg, name="embed_norm")(x)
+    x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     mask = None
     if attention_mask is not None or cache is not None:
@@ -454,12 +464,12 @@ class MaskedDiffusionTransformer(nn.Module):
     if REMAT_POLICIES[cfg.remat] is not None:
       block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[cfg.remat]),
                        static_argnums=(), prevent_cse=False)
-    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                      in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                      metadata_params={nn.PARTITION_NAME: "layers"}, unroll=True if cfg.layer_loop == "unroll" else 1)
     layer_cache = None if cache is None else (cache.k, cache.v)
     x, (kv, per_layer) = layers(cfg, collect_kv=return_cache, collect_hidden=hidden_layer >= 0,
-                                name="layers")(x, rope, mask, layer_cache)
+                                deterministic=deterministic, name="layers")(x, rope, mask, layer_cache)
     if cfg.norm == "rms":
       x = Norm(cfg, name="final_norm")(x)
     full_x = x

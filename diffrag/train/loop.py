@@ -165,7 +165,7 @@ def compile_step(model: MaskedDiffusionTransformer, params: dict, cfg: TrainConf
                                      micro_batches=cfg.train.micro_batches, antithetic=cfg.train.antithetic,
                                      loss_window=window, objective=cfg.train.objective,
                                      vocab_tile=cfg.train.vocab_tile, output_ids=output_ids,
-                                     loss_tokens=cfg.train.loss_tokens)
+                                     loss_tokens=cfg.train.loss_tokens, dropout=model.config.dropout > 0)
   jitted = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, mesh_lib.replicated(mesh)),
                    out_shardings=(state_sharding, mesh_lib.replicated(mesh)), donate_argnums=0)
 

@@ -127,20 +127,22 @@ def init_state(params: dict, tx: optax.GradientTransformation, cfg: OptimConfig,
 
 
 def model_apply_fn(model) -> Callable:
-  """apply_fn(params, tokens, window=None, attention_mask=None, features=False) for
-  `make_train_step`: the model's forward with `output_window=window`, the key-padding mask
+  """apply_fn(params, tokens, window=None, attention_mask=None, features=False, dropout_key=None)
+  for `make_train_step`: the model's forward with `output_window=window`, the key-padding mask
   and positions that count real tokens only (`positions_from_mask`); logits, or with
   features=True a `Projected` (features + the output projection: logits never built). The
-  window's logits are about its own tokens for every family (`prediction_window`)."""
+  window's logits are about its own tokens for every family (`prediction_window`). A
+  dropout_key turns on the model's dropout (`ModelConfig.dropout`) for this forward."""
 
-  def apply_fn(params, tokens, window=None, attention_mask=None, features=False):
+  def apply_fn(params, tokens, window=None, attention_mask=None, features=False, dropout_key=None):
     positions = None if attention_mask is None else positions_from_mask(attention_mask)
     if window is not None:
       window = prediction_window(model.config, *window)
     elif model.config.causal and not model.config.shift_logits:
       raise ValueError("training a causal model in Hugging Face's convention needs a loss window (train.loss_window)")
     out = model.apply({"params": params}, tokens, output_window=window, attention_mask=attention_mask,
-                      positions=positions, return_features=features)
+                      positions=positions, return_features=features, deterministic=dropout_key is None,
+                      rngs=None if dropout_key is None else {"dropout": dropout_key})
     if not features:
       return out
     w, b = output_projection(model.config, params)
@@ -151,7 +153,7 @@ def model_apply_fn(model) -> Callable:
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim: OptimConfig, *, mask_id: int,
                     schedule: schedules.MaskingSchedule, micro_batches: int = 1, antithetic: bool = False,
                     loss_window: tuple[int, int] | None = None, objective: str = "diffusion", vocab_tile: int = 0,
-                    output_ids=None, loss_tokens: int = 0):
+                    output_ids=None, loss_tokens: int = 0, dropout: bool = False):
   """Returns step(state, batch, key) -> (state, metrics); jit it once.
 
   apply_fn(params, tokens [B, L], window=None, attention_mask=None) -> logits [B, L, V], or
@@ -170,12 +172,17 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
   path, counted in metrics["loss_overflow"]). output_ids: [S] token ids: the
   softmax, and the output layer's cost, cover those tokens only (every target must be one). objective: "diffusion"
   (masked-NLL ELBO) or "ar" (next-token CE of a causal, shifted-logit model: the
-  autoregressive baseline). The batch is split into
+  autoregressive baseline). dropout: the forward runs with the model's dropout on, its key
+  split off the step's key (apply_fn must accept dropout_key=, as `model_apply_fn`'s does;
+  without dropout the key stream is the same as ever). The batch is split into
   `micro_batches` equal slices whose gradients are averaged (lax.scan), then one update.
   """
 
   def loss_fn(trainable, frozen, tokens, maskable, attention_mask, allowed, key):
     params = model_params(trainable, frozen, optim)
+    drop = {}
+    if dropout:
+      key, drop["dropout_key"] = jax.random.split(key)
     window = None
     if loss_window is not None:
       start, n = loss_window
@@ -183,9 +190,9 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
 
     def logits_fn(xt):
       if vocab_tile > 0 or output_ids is not None or loss_tokens > 0:
-        return apply_fn(params, xt, window=window, attention_mask=attention_mask, features=True)._replace(
+        return apply_fn(params, xt, window=window, attention_mask=attention_mask, features=True, **drop)._replace(
             allowed=allowed, ids=None if output_ids is None else jnp.asarray(output_ids, jnp.int32))
-      logits = apply_fn(params, xt, window=window, attention_mask=attention_mask)
+      logits = apply_fn(params, xt, window=window, attention_mask=attention_mask, **drop)
       if allowed is None:
         return logits
       return jnp.where(allowed[:, None, :], logits, jnp.finfo(logits.dtype).min)

@@ -348,6 +348,15 @@ def test_rag_pipeline_end_to_end_and_resume(tmp_path, capsys):
   assert again["methods"][0]["f1"] == summary["methods"][0]["f1"]
   assert "reusing the artefact" in capsys.readouterr().out
   assert json.loads((tmp_path / "out" / "manifest.json").read_text())["artefacts"][0]["reused"] is True
+  # out_dir is bound to what its predictions depend on: another retrieval there is an error that
+  # names the field (before any training), and predictions without a recorded spec are not trusted
+  with pytest.raises(ValueError, match=r"different run .*retrieval\.k: 2 -> 1.*new folder"):
+    run_rag(config_lib.load(RagConfig, None, over + ["retrieval.k=1"]), progress=False)
+  legacy = tmp_path / "legacy"
+  legacy.mkdir()
+  (legacy / "predictions.jsonl").write_text((tmp_path / "out" / "predictions.jsonl").read_text())
+  with pytest.raises(ValueError, match="did not record what its predictions depend on"):
+    run_rag(config_lib.load(RagConfig, None, over + [f"out_dir={legacy}"]), progress=False)
   # a reader trained elsewhere evaluates another set with everything held out (no training data needed)
   other = config_lib.load(RagConfig, None, over + ["data.dataset=squad", "data.holdout=1.0",
                                                     f"out_dir={tmp_path / 'out2'}"])

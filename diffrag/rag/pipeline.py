@@ -3,8 +3,10 @@
 One run: (train or reuse) a reader, then for every evaluated QA set retrieve passages, build
 the prompts and answer every question with the baseline sampler and with SPREAD at each
 alpha, same prompts and same keys. Predictions are appended to predictions.jsonl as they
-are made (a rerun skips the (set, method, id) triples already there). Outputs under
-out_dir: predictions.jsonl, metrics.json, rag.md/rag.csv, manifest.json, drift.png, alpha.png.
+are made (a rerun skips the (set, method, id) triples already there; out_dir is bound to what
+its predictions depend on, `predictions.spec.json`, and a rerun with a different config or
+data there is an error). Outputs under out_dir: predictions.jsonl, predictions.spec.json,
+metrics.json, rag.md/rag.csv, manifest.json, drift.png, alpha.png.
 
 Honest by construction (the `diffrag.experiment` layer):
   * the reader is an artefact keyed by a hash of everything that made it (init, training
@@ -33,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffrag.experiment import stats
-from diffrag.experiment.provenance import array_digest, file_fingerprint, write_manifest
-from diffrag.experiment.store import ArtefactStore
+from diffrag.experiment.provenance import array_digest, canonical, file_fingerprint, write_manifest
+from diffrag.experiment.store import ArtefactStore, spec_diff
 from diffrag.experiment.timing import Stopwatch
 from diffrag.rag import metrics as M
 from diffrag.rag.prompts import PromptSpec, build_prompt
@@ -503,6 +505,47 @@ def leakage(train, train_prompts: dict, evals, chunk_words: int = 0) -> dict:
 # ------------------------------------------------------------------------------- run
 
 
+PREDICTION_SPEC = "predictions.spec.json"
+# config fields a stored prediction does not depend on: where things are written, and what
+# only adds predictions (more sampled questions, more sets, more alphas: keyed by set, method, id)
+_ADDS_OR_PLACES = (("data", "limit"), ("data", "also"), ("data", "cache_dir"), ("data", "data_dir"),
+                   ("retrieval", "cache_dir"), ("reader", "store"), ("spread", "alphas"))
+
+
+def prediction_spec(cfg: RagConfig, infos: dict) -> dict:
+  """What a stored prediction depends on: the config (less `_ADDS_OR_PLACES` and out_dir), the
+  reader's training recipe and the fingerprints of every data file read (`infos`: name -> info)."""
+  d = dataclasses.asdict(cfg)
+  d.pop("out_dir")
+  for section, key in _ADDS_OR_PLACES:
+    d[section].pop(key)
+  files = {name: {k: (info.get("file_fingerprint") or {}).get(k) for k in ("bytes", "sha256")}  # content, not place
+           for name, info in sorted(infos.items())}
+  return canonical({"config": d, "reader_recipe": RECIPE, "data_files": files})
+
+
+def claim_out_dir(out: Path, spec: dict) -> None:
+  """Binds out_dir's predictions to `spec` (`prediction_spec`): the first run writes it, a rerun
+  with the same spec resumes, and any other is an error naming what differs, so predictions
+  of one config are never counted as another's."""
+  path, preds = out / PREDICTION_SPEC, out / "predictions.jsonl"
+  if path.exists():
+    old = json.loads(path.read_text())
+    if old != spec:
+      diff = spec_diff(old, spec)
+      raise ValueError(f"{out} holds predictions of a different run ({len(diff)} field(s) differ: "
+                       f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}); set out_dir to a new folder, or "
+                       f"delete {preds} and {path} to start over")
+    return
+  if preds.exists() and preds.stat().st_size:
+    raise ValueError(f"{preds} was written by a run that did not record what its predictions depend on (an older "
+                     f"diffrag): move it away or set out_dir to a new folder")
+  out.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(spec, indent=2, sort_keys=True))
+  tmp.rename(path)
+
+
 def run_rag(cfg: RagConfig, progress: bool = True) -> dict:
   out = Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -524,6 +567,8 @@ def run_rag(cfg: RagConfig, progress: bool = True) -> dict:
       train = records
     train = sample(train, cfg.reader.train_limit, cfg.reader.seed)
     train_info = info
+  claim_out_dir(out, prediction_spec(cfg, {info["name"]: info for _, info in loaded.values()} |
+                                     ({"reader_train": train_info} if train_info else {})))
   walls["load_data"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   model, params, tok, reader_record, train_prompts = load_reader(cfg, train, train_info, spec)

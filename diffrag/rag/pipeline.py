@@ -525,11 +525,14 @@ def prediction_spec(cfg: RagConfig, infos: dict) -> dict:
 
 
 def claim_out_dir(out: Path, spec: dict) -> None:
-  """Binds out_dir's predictions to `spec` (`prediction_spec`): the first run writes it, a rerun
-  with the same spec resumes, and any other is an error naming what differs, so predictions
-  of one config are never counted as another's."""
+  """Binds out_dir's predictions to `spec` (`prediction_spec`): written while the folder holds no
+  prediction yet; once it does, a rerun with the same spec resumes and any other is an error
+  naming what differs, so predictions of one config are never counted as another's."""
   path, preds = out / PREDICTION_SPEC, out / "predictions.jsonl"
-  if path.exists():
+  if preds.exists() and preds.stat().st_size:
+    if not path.exists():
+      raise ValueError(f"{preds} was written by a run that did not record what its predictions depend on (an "
+                       f"older diffrag): move it away or set out_dir to a new folder")
     old = json.loads(path.read_text())
     if old != spec:
       diff = spec_diff(old, spec)
@@ -537,9 +540,6 @@ def claim_out_dir(out: Path, spec: dict) -> None:
                        f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}); set out_dir to a new folder, or "
                        f"delete {preds} and {path} to start over")
     return
-  if preds.exists() and preds.stat().st_size:
-    raise ValueError(f"{preds} was written by a run that did not record what its predictions depend on (an older "
-                     f"diffrag): move it away or set out_dir to a new folder")
   out.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps(spec, indent=2, sort_keys=True))

@@ -68,6 +68,15 @@ def array_digest(*arrays: np.ndarray) -> str:
   return h.hexdigest()[:16]
 
 
+def write_json_atomic(path: str | os.PathLike, obj: Any, **dump_kw) -> None:
+  """Writes `json.dumps(obj, **dump_kw)` to `path` through a temporary file and a rename, so a
+  reader never sees half a file (a run killed mid-write leaves the old one or none)."""
+  path = Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, **dump_kw))
+  tmp.rename(path)
+
+
 def file_fingerprint(path: str | os.PathLike) -> dict:
   """{path, bytes, sha256} of one data file (content hash: a copy elsewhere hashes the same)."""
   path = Path(path)

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from diffrag.experiment.provenance import canonical, fingerprint
+from diffrag.experiment.provenance import canonical, fingerprint, write_json_atomic
 
 DONE = "DONE.json"
 SPEC = "spec.json"
@@ -96,17 +96,13 @@ class ArtefactStore:
     why = f"; the closest existing {kind} differs in {closest}" if closest else ""
     self.log(f"{kind} {key}: no artefact with this spec, building it in {path}{why}")
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (SPEC + ".tmp")
-    tmp.write_text(json.dumps(spec, indent=2, sort_keys=True))
-    tmp.rename(path / SPEC)
+    write_json_atomic(path / SPEC, spec, indent=2, sort_keys=True)
     return art
 
   def finish(self, art: Artefact, info: dict) -> None:
     """Marks `art` complete; `info` (budget, wall time) is kept in DONE.json and in manifests."""
     info = {"finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **info}
-    tmp = art.path / (DONE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    tmp.rename(art.path / DONE)
+    write_json_atomic(art.path / DONE, info, indent=2, default=str)
 
   def _closest(self, kind: str, spec: dict) -> list[str]:
     best = None

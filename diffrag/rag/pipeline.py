@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffrag.experiment import stats
-from diffrag.experiment.provenance import array_digest, canonical, file_fingerprint, write_manifest
+from diffrag.experiment.provenance import (array_digest, canonical, file_fingerprint, write_json_atomic,
+                                           write_manifest)
 from diffrag.experiment.store import ArtefactStore, spec_diff
 from diffrag.experiment.timing import Stopwatch
 from diffrag.rag import metrics as M
@@ -541,9 +542,7 @@ def claim_out_dir(out: Path, spec: dict) -> None:
                        f"delete {preds} and {path} to start over")
     return
   out.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(spec, indent=2, sort_keys=True))
-  tmp.rename(path)
+  write_json_atomic(path, spec, indent=2, sort_keys=True)
 
 
 def run_rag(cfg: RagConfig, progress: bool = True) -> dict:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from diffrag import config as config_lib
 from diffrag.diffusion import schedule as schedules
+from diffrag.experiment.provenance import write_json_atomic
 from diffrag.models import from_pretrained, init_params, load_tokenizer, minilm_path, preset, save_pretrained
 from diffrag.models.transformer import MaskedDiffusionTransformer, ModelConfig
 from diffrag.parallel import mesh as mesh_lib
@@ -194,9 +195,7 @@ def _save_data_state(out: Path, step: int, data, keep: set[int]) -> None:
     return
   path = _data_state_file(out, step)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(_to_json(data.get_state())))
-  tmp.rename(path)
+  write_json_atomic(path, _to_json(data.get_state()))
   for old in (out / "data_state").iterdir():
     if old.name.isdigit() and int(old.name) not in keep:
       for f in old.glob("*.json"):

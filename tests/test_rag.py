@@ -292,6 +292,59 @@ PARAS = [("The Nile is the longest river in Africa and flows north into the Medi
           [("Where does the Amazon flow?", "the Atlantic"), ("Which river carries the most water?", "The Amazon")])]
 
 
+def test_span_candidates_follow_words_and_skip_special_tokens():
+  from diffrag.rag.spans import span_candidates, word_starts
+  tokens = ["[PAD]", "[CLS]", "the", "play", "##wright", "was", "born", "[SEP]"]
+  starts = word_starts(tokens)
+  assert starts.tolist() == [True, True, True, True, False, True, True, True]
+  assert word_starts(["\u2581the", "\u2581play", "wright"]).tolist() == [True, True, False]
+  ids = np.arange(8)[None]
+  mask = np.array([[0, 1, 1, 1, 1, 1, 1, 1]])
+  special = np.array([[True, True, False, False, False, False, False, True]])
+  got = span_candidates(ids, mask, starts[None], special, max_len=3)[0]
+  spans = {(j, l + 1) for j, l in zip(*np.nonzero(got))}
+  # words: "the" (2), "playwright" (3-4), "was" (5), "born" (6); never "play" alone or "##wright" first
+  assert spans == {(2, 1), (2, 3), (3, 2), (3, 3), (5, 1), (5, 2), (6, 1)}
+
+
+def test_span_decode_is_the_best_span_by_hand():
+  """One pass scores every candidate span by the summed log-probabilities (tokens then EOS) of
+  the fully masked canvas: the arg max equals a brute-force enumeration."""
+  from diffrag.models import MaskedDiffusionTransformer, init_params, preset
+  from diffrag.models.transformer import positions_from_mask
+  from diffrag.rag.spans import span_candidates, span_decode
+  cfg = preset("tiny-bert").replace(copy_head=True)
+  model, params = MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(5))
+  rng = np.random.default_rng(1)
+  b, p, g = 3, 10, 4
+  ids = rng.integers(10, cfg.vocab_size, size=(b, p)).astype(np.int32)
+  mask = np.ones((b, p), np.int32)
+  mask[1, :3] = 0
+  ids[1, :3] = cfg.pad_token_id
+  starts = rng.random((b, p)) < 0.7
+  special = np.zeros((b, p), bool)
+  special[0, 5] = True
+  valid = span_candidates(ids, mask, starts, special, g - 1)
+  valid[2] = False                                                   # a prompt with no candidate: EOS only
+  eos = 0  # tiny-bert has no EOS id: the copy head's EOS logit sits at token 0
+  out = span_decode(model, params, ids, mask, valid, eos)
+  assert int(out.num_forward) == 1 and out.tokens.shape == (b, p + g)
+  full = np.concatenate([ids, np.full((b, g), cfg.mask_token_id, np.int32)], 1)
+  fmask = np.concatenate([mask, np.ones((b, g), np.int32)], 1)
+  logits = model.apply({"params": params}, jnp.asarray(full), attention_mask=jnp.asarray(fmask),
+                       positions=positions_from_mask(jnp.asarray(fmask)), output_window=(p, g))
+  logp = np.asarray(jax.nn.log_softmax(logits.at[..., cfg.mask_token_id].set(-jnp.inf), -1))
+  for bi in range(2):
+    best, arg = -np.inf, None
+    for j, l in zip(*np.nonzero(valid[bi])):
+      canvas = list(ids[bi, j:j + l + 1]) + [eos] * (g - l - 1)
+      s = sum(logp[bi, q, t] for q, t in enumerate(canvas))
+      if s > best:
+        best, arg = s, canvas
+    np.testing.assert_array_equal(np.asarray(out.tokens[bi, p:]), arg)
+  assert (np.asarray(out.tokens[2, p:]) == eos).all()
+
+
 def _squad_json(paras, prefix):
   return {"data": [{"title": f"{prefix}{i}", "paragraphs": [{"context": c, "qas": [
       {"id": f"{prefix}q{i}{j}", "question": q, "is_impossible": not a,
@@ -396,12 +449,16 @@ def test_a_tiny_reader_learns_to_read_held_out_articles(tmp_path):
           "reader.train_steps=80", "reader.batch_size=8", "reader.lr=1e-3", "reader.warmup_steps=5",
           f"reader.store={tmp_path / 'store'}", "prompt.chat=false", "prompt.max_prompt_tokens=32",
           "generation.gen_length=4", "generation.steps=4", "generation.batch_size=8", "spread.alphas=[]",
-          "drift=false", f"out_dir={tmp_path / 'out'}"]
+          "generation.span_decoding=true", "drift=false", f"out_dir={tmp_path / 'out'}"]
   summary = run_rag(config_lib.load(RagConfig, None, over), progress=False)
-  row = summary["methods"][0]
+  row, span = summary["methods"]
   assert summary["sets"]["squad_v1:dev"]["leakage"]["contexts_shared"] == 0 and row["n"] == 16
-  # a random word of the 10-word passage scores EM 10%: the reader must do much better
+  # a random word of the 10-word passage scores EM 10%: the reader must do much better, and so
+  # must one-pass span decoding of the same reader (paired with the sampler, one forward pass)
   assert row["em"] >= 40, row
+  assert span["method"] == "span" and span["n"] == 16 and span["em"] >= 40 and "[" in span["d_f1"], span
+  preds = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+  assert {x["forward_passes"] for x in preds if x["method"] == "span"} == {1}
 
 
 def test_reader_artefact_key_changes_with_every_determining_field(tmp_path):

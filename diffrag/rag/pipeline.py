@@ -41,6 +41,7 @@ from diffrag.experiment.store import ArtefactStore, spec_diff
 from diffrag.experiment.timing import Stopwatch
 from diffrag.rag import metrics as M
 from diffrag.rag.prompts import PromptSpec, build_prompt
+from diffrag.rag.spans import span_candidates, span_decode, word_starts
 from diffrag.rag.spread import DREAM_HIDDEN, query_representation, spread, unit_entropy
 from diffrag.report import pyplot, save_figure, write_table
 from diffrag.sampling import transforms as T
@@ -112,6 +113,8 @@ class GenerationSpec:
                                    # tokens dropped: the SPREAD paper's protocol)
   stop_at_eos: bool = False       # SPREAD's paper runs all steps without EOS handling
   cache: str = "none"             # none | prefix | dual (Fast-dLLM; approximate, same for every method)
+  span_decoding: bool = False     # also answer with the prompt span of highest one-pass score (method "span",
+                                  # paired with the baseline; `diffrag.rag.spans`)
   batch_size: int = 8
   seed: int = 0
 
@@ -415,7 +418,12 @@ def methods_of(cfg: RagConfig) -> list[tuple[str, float | None]]:
     if not 0 < float(a) <= 1:
       raise ValueError(f"spread.alphas must lie in (0, 1] (alpha = 0 is the baseline, always run), got {a}")
     out.append((f"spread_a{float(a):g}", float(a)))
+  if cfg.generation.span_decoding:
+    out.append((SPAN, None))
   return out
+
+
+SPAN = "span"  # the method name of extractive one-pass span decoding
 
 
 def _left_pad(rows, length, pad_id):
@@ -449,7 +457,7 @@ def _check(cfg: RagConfig, model_cfg) -> None:
   if model_cfg.causal:  # an autoregressive reader (Llama, Qwen2): DLM-only switches are errors
     dlm_only = {"spread.alphas": bool(cfg.spread.alphas), "generation.block_length": g.block_length is not None,
                 "generation.cache": g.cache != "none", "generation.threshold": g.threshold is not None,
-                "generation.stop_at_eos": g.stop_at_eos}
+                "generation.stop_at_eos": g.stop_at_eos, "generation.span_decoding": g.span_decoding}
     bad = [k for k, on in dlm_only.items() if on]
     if bad:
       raise ValueError(f"{bad} apply to masked diffusion readers only: this {model_cfg.family} reader is "
@@ -510,7 +518,8 @@ PREDICTION_SPEC = "predictions.spec.json"
 # config fields a stored prediction does not depend on: where things are written, and what
 # only adds predictions (more sampled questions, more sets, more alphas: keyed by set, method, id)
 _ADDS_OR_PLACES = (("data", "limit"), ("data", "also"), ("data", "cache_dir"), ("data", "data_dir"),
-                   ("retrieval", "cache_dir"), ("reader", "store"), ("spread", "alphas"))
+                   ("retrieval", "cache_dir"), ("reader", "store"), ("spread", "alphas"),
+                   ("generation", "span_decoding"))
 
 
 def prediction_spec(cfg: RagConfig, infos: dict) -> dict:
@@ -625,8 +634,10 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
   qrep = _query_fn(model, cfg.spread.hidden_layer, cfg.spread.pooling, shift)
   extractive = cfg.reader.extractive and not cfg.reader.checkpoint
   causal = mcfg.causal
-  transforms = {n: make_transform(gen, rule, a, cfg.spread.pooling, extractive) for n, a in methods} \
+  transforms = {n: make_transform(gen, rule, a, cfg.spread.pooling, extractive) for n, a in methods if n != SPAN} \
       if not causal else {"baseline": ar_sampler(gen.temperature)}
+  special = np.zeros(len(tok), bool)
+  special[[i for i in tok.all_special_ids if i < len(tok)]] = True
   stops = stop_ids_of(cfg.reader.checkpoint, mcfg) if causal and cfg.reader.checkpoint else (eos,)
   watches = {n: Stopwatch() for n, _ in methods}
   bs = gen.batch_size
@@ -654,8 +665,15 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
       if cfg.spread.pooling == "max_token":
         extras["query_mask"] = jnp.asarray(q_mask)
       key = jax.random.key(gen.seed + start)
+      if any(n == SPAN for n, _ in todo):
+        starts = np.zeros(ids.shape, bool)
+        for i, b in enumerate(built):
+          starts[i, ids.shape[1] - len(b.ids):] = word_starts(tok.convert_ids_to_tokens(b.ids))
+        valid = span_candidates(ids, mask, starts, special[ids], gen.gen_length - 1)
       for name, _ in todo:
-        if causal:
+        if name == SPAN:
+          call = lambda: jax.device_get(span_decode(model, params, ids, mask, valid, eos))
+        elif causal:
           call = lambda: _ar_as_sample(generate_ar(model, params, ids, key, max_new_tokens=gen.gen_length,
                                                    transform=transforms[name], attention_mask=mask, stop_ids=stops,
                                                    pad_id=pad))
@@ -851,10 +869,11 @@ def _plots(out: Path, curves: dict, rows: list[dict]) -> None:
     ax.set_ylabel("cos(query, committed answer)")
     ax.set_title("semantic drift (mean over questions)")
     save_figure(fig, out / "drift.png", legend_size=7)
-  if len(rows) > 1:
+  if len([r for r in rows if r["method"] != SPAN]) > 1:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for set_name in dict.fromkeys(r["dataset"] for r in rows):
-      pts = sorted((r["alpha"], r["f1"], r) for r in rows if r["dataset"] == set_name)
+      pts = sorted(((r["alpha"], r["f1"], r) for r in rows if r["dataset"] == set_name and r["method"] != SPAN),
+                   key=lambda x: x[:2])
       xs = [p[0] for p in pts]
       ys = [p[1] for p in pts]
       err = ci_errors(ys, [p[2]["f1_ci"] for p in pts])

@@ -514,7 +514,7 @@ def bench_gr(out: Path, sizes=(10_000, 100_000, 1_000_000), queries: int = 16) -
                                       beam=10, order="confidence")),
                ("one-pass top-100", lambda: D.one_pass(model, params, prompts, mask, table, 100, batch=queries // 2),
                 lambda: D._one_pass.lower(params, prompts[:queries // 2], mask[:queries // 2], table.index.codes,
-                                          model=model, k=100))]
+                                          np.zeros((n,), np.float32), model=model, k=100))]
       for name, run, lowered in modes:
         dec = run()
         mem = compiled_memory(lowered())

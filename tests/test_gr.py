@@ -206,6 +206,28 @@ def test_topk_returns_k_distinct_valid_docids_in_descending_score():
   assert dec.invalid == 0 and all(len(r) == 1 for r in dec.rankings) and dec.forward >= 3
 
 
+def test_one_pass_prior_is_the_content_free_score_subtracted():
+  """docid_prior is every DocID's one-pass score under one prompt (checked against one-pass top-N of
+  that prompt), and one_pass with a prior ranks by s(d | q) - prior(d) (checked by hand)."""
+  from diffrag.gr import decode as D
+  model, params, table = _tiny_retriever()
+  n = len(table.doc_ids)
+  empty = np.full((1, 6), 0, np.int32)
+  empty[0, -1] = 2
+  emask = (empty != 0).astype(np.int32)
+  prior = D.docid_prior(model, params, empty, emask, table)
+  full = D.one_pass(model, params, empty, emask, table, n, batch=1).rankings[0]
+  np.testing.assert_allclose(prior[[d for d, _ in full]], [s for _, s in full], rtol=1e-5, atol=1e-5)
+  prompts = np.random.default_rng(2).integers(2, 290, (3, 6)).astype(np.int32)
+  mask = np.ones_like(prompts)
+  plain = D.one_pass(model, params, prompts, mask, table, n, batch=4).rankings
+  calibrated = D.one_pass(model, params, prompts, mask, table, 5, batch=4, prior=0.5 * prior).rankings
+  for before, after in zip(plain, calibrated):
+    want = sorted(((d, s - 0.5 * prior[d]) for d, s in before), key=lambda x: -x[1])[:5]
+    assert [d for d, _ in after] == [d for d, _ in want]
+    np.testing.assert_allclose([s for _, s in after], [s for _, s in want], rtol=1e-5, atol=1e-5)
+
+
 def test_elbo_rerank_scores_the_first_candidates_by_their_mc_elbo():
   """Re-ranking permutes the first `top` one-pass candidates by the MC ELBO of the DocID given the
   (left-padded) query, the same value mc_log_likelihood gives for that pair; the rest keep their place."""
@@ -314,6 +336,7 @@ def _gr_overrides(tmp_path, dataset="toy"):
   return [f"data.data_dir={tmp_path / 'data'}", f"data.dataset={dataset}", "train.steps=2", "train.batch_size=4",
           "train.warmup_steps=1", "train.query_tokens=8", "train.pseudo_queries=2", f"train.store={tmp_path / 'store'}",
           "docids.max_tokens=6", "decode.steps=[1,6]", "decode.pseudo_beam=2", "decode.beam=2", "decode.one_pass=3", "decode.elbo_rerank=2",
+          "decode.one_pass_priors=[0.5]",
           "decode.batch_size=4", "baselines=[bm25]", f"out_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'c'}"]
 
 
@@ -338,7 +361,7 @@ def test_gr_pipeline_end_to_end_counts_bad_records(tmp_path, capsys):
   assert json.loads((tmp_path / "out" / "docids.json").read_text())["suffixed_duplicates"] == 1
   rows = {r["method"]: r for r in summary["methods"]}
   assert {"bm25", "diffusion_T1", "diffusion_T6_constrained", "pseudo_beam_B2", "beam_B2", "one_pass_top3",
-          "one_pass_elbo_rerank2", "ar_beam_B2"} <= set(rows)
+          "one_pass_elbo_rerank2", "one_pass_top3_prior0.5", "ar_beam_B2"} <= set(rows)
   for name, r in rows.items():
     assert r["recall@10"] == pytest.approx((r["recall@10_seen"] + 2 * r["recall@10_unseen"]) / 3, abs=0.01)
     if name.endswith("_constrained") or name.startswith(("beam", "ar_beam", "one_pass")):
@@ -373,6 +396,8 @@ def test_gr_pipeline_end_to_end_counts_bad_records(tmp_path, capsys):
     run_gr(config_lib.load(GRConfig, None, _gr_overrides(tmp_path) + ["train.schedule=quadratic"]), progress=False)
   with pytest.raises(ValueError, match="unknown loss weighting 'none'"):
     run_gr(config_lib.load(GRConfig, None, _gr_overrides(tmp_path) + ["train.weighting=none"]), progress=False)
+  with pytest.raises(ValueError, match=r"one_pass_priors=\[0\].*numbers > 0"):
+    run_gr(config_lib.load(GRConfig, None, _gr_overrides(tmp_path) + ["decode.one_pass_priors=[0]"]), progress=False)
 
 
 def test_default_mode_names_the_modes_a_config_runs():

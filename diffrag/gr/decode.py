@@ -228,24 +228,43 @@ def beam_search(model, params, prompts, mask, table: DocIDTable, beam: int, *, c
   return Decoded(rankings, invalid, float(table.length), sw.timing, timed)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "k"))
-def _one_pass(params, prompts, mask, codes, *, model, k):
-  mask_id, lc = model.config.mask_token_id, codes.shape[1]                    # codes: [N, Lc]
-  n = codes.shape[0]
+def _masked_canvas_logp(params, prompts, mask, lc, model):
+  """log p_p(. | prompt, all Lc canvas positions masked): [Q, Lc, V] (the mask token excluded)."""
+  mask_id = model.config.mask_token_id
   q, p = prompts.shape
   canvas = jnp.full((q, lc), mask_id, jnp.int32)
   full_mask = jnp.concatenate([mask, jnp.ones((q, lc), mask.dtype)], 1)
   logits = _apply(model, params, jnp.concatenate([prompts, canvas], 1), full_mask, (p, lc))
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32).at[..., mask_id].set(-jnp.inf), -1)  # [Q, Lc, V]
+  return jax.nn.log_softmax(logits.astype(jnp.float32).at[..., mask_id].set(-jnp.inf), -1)
+
+
+def _chunks(codes, chunk):
+  """codes [N, Lc] padded to a multiple of chunk: ([N', Lc], number of chunks)."""
+  padded = jnp.pad(codes, ((0, -codes.shape[0] % chunk), (0, 0)))
+  return padded, padded.shape[0] // chunk
+
+
+def _chunk_scores(logp, padded, c, chunk):
+  """s(d) = sum_p logp[:, p, codes[d, p]] for the DocIDs of chunk c: [Q, chunk]."""
+  ids = jax.lax.dynamic_slice_in_dim(padded, c * chunk, chunk)              # [C, Lc]
+  s = jnp.zeros((logp.shape[0], chunk))
+  for pos in range(padded.shape[1]):
+    s = s + jnp.take(logp[:, pos, :], ids[:, pos], axis=1)
+  return s
+
+
+@functools.partial(jax.jit, static_argnames=("model", "k"))
+def _one_pass(params, prompts, mask, codes, prior, *, model, k):
+  n, lc = codes.shape                                                        # codes: [N, Lc]; prior: [N]
+  q = prompts.shape[0]
+  logp = _masked_canvas_logp(params, prompts, mask, lc, model)              # [Q, Lc, V]
   chunk = min(ONE_PASS_CHUNK, n)
-  padded = jnp.pad(codes, ((0, -n % chunk), (0, 0)))
+  padded, count = _chunks(codes, chunk)
+  prior = jnp.pad(prior, (0, padded.shape[0] - n))
 
   def block(carry, c):
     best_s, best_i = carry
-    ids = jax.lax.dynamic_slice_in_dim(padded, c * chunk, chunk)              # [C, Lc]
-    s = jnp.zeros((q, chunk))
-    for pos in range(lc):
-      s = s + jnp.take(logp[:, pos, :], ids[:, pos], axis=1)
+    s = _chunk_scores(logp, padded, c, chunk) - jax.lax.dynamic_slice_in_dim(prior, c * chunk, chunk)[None]
     doc = c * chunk + jnp.arange(chunk)
     s = jnp.where(doc[None] < n, s, -jnp.inf)
     cat_s = jnp.concatenate([best_s, s], 1)
@@ -254,15 +273,38 @@ def _one_pass(params, prompts, mask, codes, *, model, k):
     return (top_s, jnp.take_along_axis(cat_i, pos_, 1)), None
 
   init = (jnp.full((q, k), -jnp.inf), jnp.zeros((q, k), jnp.int32))
-  (vals, idx), _ = jax.lax.scan(block, init, jnp.arange(padded.shape[0] // chunk))
+  (vals, idx), _ = jax.lax.scan(block, init, jnp.arange(count))
   return vals, idx
 
 
-def one_pass(model, params, prompts, mask, table: DocIDTable, k: int = 100, batch: int = 32) -> Decoded:
-  """Top-k DocIDs by the one-pass factorised log-probability (one forward pass per query)."""
+@functools.partial(jax.jit, static_argnames=("model",))
+def _all_scores(params, prompt, mask, codes, *, model):
+  """One-pass scores of every DocID for one prompt [1, P]: [N]."""
+  n, lc = codes.shape
+  logp = _masked_canvas_logp(params, prompt, mask, lc, model)
+  chunk = min(ONE_PASS_CHUNK, n)
+  padded, count = _chunks(codes, chunk)
+  _, s = jax.lax.scan(lambda _, c: (None, _chunk_scores(logp, padded, c, chunk)[0]), None, jnp.arange(count))
+  return s.reshape(-1)[:n]
+
+
+def docid_prior(model, params, prompt, mask, table: DocIDTable) -> np.ndarray:
+  """[N]: each DocID's one-pass score under a content-free prompt [1, P] (e.g. the empty
+  query): the prior over DocIDs the training pairs taught, s(d | empty)."""
+  return np.asarray(_all_scores(params, jnp.asarray(prompt, jnp.int32), jnp.asarray(mask, jnp.int32),
+                                table.index.codes, model=model))
+
+
+def one_pass(model, params, prompts, mask, table: DocIDTable, k: int = 100, batch: int = 32,
+             prior: np.ndarray | None = None) -> Decoded:
+  """Top-k DocIDs by the one-pass factorised log-probability (one forward pass per query).
+
+  prior: [N] subtracted from every query's scores (`docid_prior` times a weight lambda:
+  s(d | q) - lambda s(d | empty), a calibration against the DocID prior; None = 0)."""
   k = min(k, len(table.doc_ids))
+  prior = jnp.zeros((len(table.doc_ids),), jnp.float32) if prior is None else jnp.asarray(prior, jnp.float32)
   run = lambda rows, rmask, start: _one_pass(params, jnp.asarray(rows, jnp.int32), jnp.asarray(rmask, jnp.int32),
-                                             table.index.codes, model=model, k=k)
+                                             table.index.codes, prior, model=model, k=k)
   outs, sw, timed = _batches(run, prompts, mask, batch)
   rankings = []
   for _, n, (vals, idx) in outs:

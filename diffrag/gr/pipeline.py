@@ -113,6 +113,8 @@ class GRDecode:
   beam: int = 10                   # beam over denoising states (0 = off)
   one_pass: int = 100              # top-k of one-pass scoring (0 = off)
   elbo_rerank: int = 0             # re-rank this many one-pass candidates by the MC ELBO (0 = off)
+  one_pass_priors: list = dataclasses.field(default_factory=list)  # lambdas > 0: one-pass rows calibrated against
+                                   # the DocID prior, s(d | q) - lambda s(d | empty query) (`decode.docid_prior`)
   batch_size: int = 32
   compare_to: str = "bm25"         # every row's paired difference is against this row
   default: str = "auto"            # the mode written to run.trec: beam | one_pass | pseudo_beam | T<steps>, or
@@ -323,6 +325,11 @@ def t_row(t: int, constrained: bool) -> str:
   return f"diffusion_T{t}{'_constrained' if constrained else ''}"
 
 
+def prior_row(k: int, lam) -> str:
+  """The row name of one-pass top-k calibrated against the DocID prior with weight lam."""
+  return f"one_pass_top{k}_prior{float(lam):g}"
+
+
 def default_mode(dec: GRDecode, length: int | None = None) -> str:
   """The row name `decode.default` selects (an error naming the modes this config runs).
 
@@ -346,6 +353,10 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   from diffrag.models import from_pretrained, load_tokenizer, minilm_path  # pylint: disable=import-outside-toplevel
   from diffrag.retrieval import BM25Retriever, Corpus, DenseRetriever, default_encoder  # pylint: disable=import-outside-toplevel
   default = default_mode(cfg.decode)
+  bad = [lam for lam in cfg.decode.one_pass_priors if not isinstance(lam, (int, float)) or not lam > 0]
+  if bad or (cfg.decode.one_pass_priors and not cfg.decode.one_pass):
+    raise ValueError(f"decode.one_pass_priors={cfg.decode.one_pass_priors}: weights must be numbers > 0 (the plain "
+                     "one-pass row is lambda 0, always run) and need decode.one_pass > 0")
   schedules.get(cfg.train.schedule, weighting=cfg.train.weighting)  # an unknown one fails here, before any work
   out = Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -485,6 +496,13 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   if cfg.decode.one_pass and not causal_backbone:
     first = D.one_pass(dm, dparams, q_ids, q_mask, table, cfg.decode.one_pass, batch=bs)
     record(f"one_pass_top{cfg.decode.one_pass}", fam, 1, first, train_rec=d_record)
+    if cfg.decode.one_pass_priors:
+      e_ids, e_mask = left_pad([_tokens(tok, "", cfg.train.query_tokens)], cfg.train.query_tokens, pad)
+      prior = D.docid_prior(dm, dparams, e_ids, e_mask, table)
+      for lam in cfg.decode.one_pass_priors:
+        record(prior_row(cfg.decode.one_pass, lam), fam, 1,
+               D.one_pass(dm, dparams, q_ids, q_mask, table, cfg.decode.one_pass, batch=bs, prior=float(lam) * prior),
+               train_rec=d_record)
     if cfg.decode.elbo_rerank:
       record(f"one_pass_elbo_rerank{cfg.decode.elbo_rerank}", fam, 1,
              D.elbo_rerank(dm, dparams, q_ids, q_mask, table, first, top=cfg.decode.elbo_rerank), train_rec=d_record)

@@ -406,6 +406,8 @@ def test_default_mode_names_the_modes_a_config_runs():
   assert default_mode(GRDecode(beam=0, pseudo_beam=0, one_pass=100)) == "one_pass_top100"
   assert default_mode(GRDecode(default="beam", beam=5)) == "beam_B5"
   assert default_mode(GRDecode(default="one_pass", one_pass=100)) == "one_pass_top100"
+  assert default_mode(GRDecode(default="one_pass_prior1", one_pass=100, one_pass_priors=[0.5, 1.0])) == \
+      "one_pass_top100_prior1"
   assert default_mode(GRDecode(default="T4", steps=[1, 4])) == "diffusion_T4_constrained"
   assert default_mode(GRDecode(default="T4", steps=[4], constrained=False)) == "diffusion_T4"
   # T beyond the DocID canvas runs as T = canvas length, and the default names that row

@@ -117,7 +117,8 @@ class GRDecode:
                                    # the DocID prior, s(d | q) - lambda s(d | empty query) (`decode.docid_prior`)
   batch_size: int = 32
   compare_to: str = "bm25"         # every row's paired difference is against this row
-  default: str = "auto"            # the mode written to run.trec: beam | one_pass | pseudo_beam | T<steps>, or
+  default: str = "auto"            # the mode written to run.trec: beam | one_pass | one_pass_prior<lambda> |
+                                   # pseudo_beam | T<steps>, or
                                    # auto (the first of those the config runs); chosen before evaluation
 
 
@@ -338,6 +339,8 @@ def default_mode(dec: GRDecode, length: int | None = None) -> str:
   cap = (lambda t: min(int(t), length)) if length else int
   modes = {"beam": f"beam_B{dec.beam}" if dec.beam else None,
            "one_pass": f"one_pass_top{dec.one_pass}" if dec.one_pass else None,
+           **{f"one_pass_prior{float(lam):g}": prior_row(dec.one_pass, lam) if dec.one_pass else None
+              for lam in dec.one_pass_priors},
            "pseudo_beam": f"pseudo_beam_B{dec.pseudo_beam}" if dec.pseudo_beam else None,
            **{f"T{t}": t_row(cap(t), dec.constrained) if dec.constrained or dec.unconstrained else None
               for t in dec.steps}}

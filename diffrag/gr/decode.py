@@ -228,8 +228,10 @@ def beam_search(model, params, prompts, mask, table: DocIDTable, beam: int, *, c
   return Decoded(rankings, invalid, float(table.length), sw.timing, timed)
 
 
-def _masked_canvas_logp(params, prompts, mask, lc, model):
-  """log p_p(. | prompt, all Lc canvas positions masked): [Q, Lc, V] (the mask token excluded)."""
+def masked_canvas_logp(params, prompts, mask, lc, model):
+  """log p_p(. | prompt, all Lc canvas positions masked): [Q, Lc, V] (the mask token excluded).
+
+  prompts, mask: [Q, P] left-padded; the one-pass scorers of DocIDs and of answer spans use it."""
   mask_id = model.config.mask_token_id
   q, p = prompts.shape
   canvas = jnp.full((q, lc), mask_id, jnp.int32)
@@ -257,7 +259,7 @@ def _chunk_scores(logp, padded, c, chunk):
 def _one_pass(params, prompts, mask, codes, prior, *, model, k):
   n, lc = codes.shape                                                        # codes: [N, Lc]; prior: [N]
   q = prompts.shape[0]
-  logp = _masked_canvas_logp(params, prompts, mask, lc, model)              # [Q, Lc, V]
+  logp = masked_canvas_logp(params, prompts, mask, lc, model)              # [Q, Lc, V]
   chunk = min(ONE_PASS_CHUNK, n)
   padded, count = _chunks(codes, chunk)
   prior = jnp.pad(prior, (0, padded.shape[0] - n))
@@ -281,7 +283,7 @@ def _one_pass(params, prompts, mask, codes, prior, *, model, k):
 def _all_scores(params, prompt, mask, codes, *, model):
   """One-pass scores of every DocID for one prompt [1, P]: [N]."""
   n, lc = codes.shape
-  logp = _masked_canvas_logp(params, prompt, mask, lc, model)
+  logp = masked_canvas_logp(params, prompt, mask, lc, model)
   chunk = min(ONE_PASS_CHUNK, n)
   padded, count = _chunks(codes, chunk)
   _, s = jax.lax.scan(lambda _, c: (None, _chunk_scores(logp, padded, c, chunk)[0]), None, jnp.arange(count))

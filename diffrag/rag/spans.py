@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffrag.models.transformer import positions_from_mask, prediction_window
+from diffrag.gr.decode import masked_canvas_logp
 from diffrag.sampling.sampler import Sample
 
 
@@ -72,13 +72,8 @@ def span_candidates(ids: np.ndarray, mask: np.ndarray, starts: np.ndarray, speci
 @functools.partial(jax.jit, static_argnames=("model", "gen_length", "eos_id"))
 def _span_decode(params, ids, mask, valid, *, model, gen_length, eos_id):
   """ids, mask: [B, P]; valid: [B, P, G-1] -> (canvas [B, G], log p_p of each canvas token [B, G])."""
-  cfg = model.config
   g, (b, p) = gen_length, ids.shape
-  canvas = jnp.full((b, g), cfg.mask_token_id, jnp.int32)
-  full_mask = jnp.concatenate([mask, jnp.ones((b, g), mask.dtype)], 1)
-  logits = model.apply({"params": params}, jnp.concatenate([ids, canvas], 1), attention_mask=full_mask,
-                       positions=positions_from_mask(full_mask), output_window=prediction_window(cfg, p, g))
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32).at[..., cfg.mask_token_id].set(-jnp.inf), -1)  # [B, G, V]
+  logp = masked_canvas_logp(params, ids, mask, g, model)                  # [B, G, V]
   tok = jnp.take_along_axis(logp, jnp.broadcast_to(ids[:, None, :], (b, g, p)), axis=2)  # [B, G, P]: log p_p(x_j)
   m = g - 1
   at = jnp.minimum(jnp.arange(p)[:, None] + jnp.arange(m)[None, :], p - 1)  # [P, m]: j + q

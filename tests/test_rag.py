@@ -345,6 +345,59 @@ def test_span_decode_is_the_best_span_by_hand():
   assert (np.asarray(out.tokens[2, p:]) == eos).all()
 
 
+def test_span_decode_first_token_rescoring_by_hand():
+  """first_tokens=k: the k distinct first tokens of the best one-pass spans are each committed at
+  canvas position 0 and the spans starting with them rescored under that pass; brute force agrees."""
+  from diffrag.models import MaskedDiffusionTransformer, init_params, preset
+  from diffrag.models.transformer import positions_from_mask
+  from diffrag.rag.spans import span_candidates, span_decode
+  cfg = preset("tiny-bert").replace(copy_head=True)
+  model, params = MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(3))
+  params = jax.tree.map(lambda x: 4 * x, params)  # a peaked model: committing the first token changes the answer
+  rng = np.random.default_rng(3)
+  b, p, g, k, eos = 2, 12, 5, 2, 0
+  ids = rng.integers(10, 40, size=(b, p)).astype(np.int32)  # a small range: repeated tokens
+  mask = np.ones((b, p), np.int32)
+  valid = span_candidates(ids, mask, rng.random((b, p)) < 0.8, np.zeros((b, p), bool), g - 1)
+  out = span_decode(model, params, ids, mask, valid, eos, first_tokens=k)
+  assert int(out.num_forward) == 1 + k
+  plain = span_decode(model, params, ids, mask, valid, eos)
+  assert (np.asarray(plain.tokens) != np.asarray(out.tokens)).any()  # the rescoring is exercised
+
+  def logp_of(canvas):
+    full = np.concatenate([ids, canvas], 1)
+    fmask = np.concatenate([mask, np.ones_like(canvas)], 1)
+    logits = model.apply({"params": params}, jnp.asarray(full), attention_mask=jnp.asarray(fmask),
+                         positions=positions_from_mask(jnp.asarray(fmask)), output_window=(p, g))
+    return np.asarray(jax.nn.log_softmax(logits.at[..., cfg.mask_token_id].set(-jnp.inf), -1))
+
+  masked = np.full((b, g), cfg.mask_token_id, np.int32)
+  lp0 = logp_of(masked)
+  canvas_of = lambda bi, j, l: list(ids[bi, j:j + l + 1]) + [eos] * (g - l - 1)
+  for bi in range(b):
+    spans = list(zip(*np.nonzero(valid[bi])))
+    one_pass = {(j, l): sum(lp0[bi, q, t] for q, t in enumerate(canvas_of(bi, j, l))) for j, l in spans}
+    per_token = {}
+    for (j, l), s in one_pass.items():
+      per_token[ids[bi, j]] = max(per_token.get(ids[bi, j], -np.inf), s)
+    firsts = sorted(per_token, key=per_token.get, reverse=True)[:k]
+    best, arg = -np.inf, None
+    for c in firsts:
+      committed = masked.copy()
+      committed[:, 0] = c
+      lpc = logp_of(committed)
+      for j, l in spans:
+        if ids[bi, j] != c:
+          continue
+        canvas = canvas_of(bi, j, l)
+        s = lp0[bi, 0, c] + sum(lpc[bi, q, t] for q, t in enumerate(canvas) if q > 0)
+        if s > best:
+          best, arg = s, canvas
+    np.testing.assert_array_equal(np.asarray(out.tokens[bi, p:]), arg)
+  with pytest.raises(ValueError, match="first_tokens"):
+    span_decode(model, params, ids, mask, valid, eos, first_tokens=-1)
+
+
 def _squad_json(paras, prefix):
   return {"data": [{"title": f"{prefix}{i}", "paragraphs": [{"context": c, "qas": [
       {"id": f"{prefix}q{i}{j}", "question": q, "is_impossible": not a,

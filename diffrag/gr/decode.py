@@ -228,16 +228,23 @@ def beam_search(model, params, prompts, mask, table: DocIDTable, beam: int, *, c
   return Decoded(rankings, invalid, float(table.length), sw.timing, timed)
 
 
+def canvas_logp(params, prompts, mask, canvas, model):
+  """log p_p(. | prompt, canvas): [Q, Lc, V] at every canvas position (the mask token excluded).
+
+  prompts, mask: [Q, P] left-padded; canvas: [Q, Lc] (the mask id where masked)."""
+  mask_id = model.config.mask_token_id
+  (q, p), lc = prompts.shape, canvas.shape[1]
+  full_mask = jnp.concatenate([mask, jnp.ones((q, lc), mask.dtype)], 1)
+  logits = _apply(model, params, jnp.concatenate([prompts, canvas], 1), full_mask, (p, lc))
+  return jax.nn.log_softmax(logits.astype(jnp.float32).at[..., mask_id].set(-jnp.inf), -1)
+
+
 def masked_canvas_logp(params, prompts, mask, lc, model):
   """log p_p(. | prompt, all Lc canvas positions masked): [Q, Lc, V] (the mask token excluded).
 
   prompts, mask: [Q, P] left-padded; the one-pass scorers of DocIDs and of answer spans use it."""
-  mask_id = model.config.mask_token_id
-  q, p = prompts.shape
-  canvas = jnp.full((q, lc), mask_id, jnp.int32)
-  full_mask = jnp.concatenate([mask, jnp.ones((q, lc), mask.dtype)], 1)
-  logits = _apply(model, params, jnp.concatenate([prompts, canvas], 1), full_mask, (p, lc))
-  return jax.nn.log_softmax(logits.astype(jnp.float32).at[..., mask_id].set(-jnp.inf), -1)
+  canvas = jnp.full((prompts.shape[0], lc), model.config.mask_token_id, jnp.int32)
+  return canvas_logp(params, prompts, mask, canvas, model)
 
 
 def _chunks(codes, chunk):

@@ -115,6 +115,8 @@ class GenerationSpec:
   cache: str = "none"             # none | prefix | dual (Fast-dLLM; approximate, same for every method)
   span_decoding: bool = False     # also answer with the prompt span of highest one-pass score (method "span",
                                   # paired with the baseline; `diffrag.rag.spans`)
+  span_first_tokens: int = 0      # > 0 (with span_decoding): also method "span_k<K>", the spans of the K best
+                                  # first tokens rescored with that token committed (1 + K forward passes)
   batch_size: int = 8
   seed: int = 0
 
@@ -420,10 +422,12 @@ def methods_of(cfg: RagConfig) -> list[tuple[str, float | None]]:
     out.append((f"spread_a{float(a):g}", float(a)))
   if cfg.generation.span_decoding:
     out.append((SPAN, None))
+    if cfg.generation.span_first_tokens:
+      out.append((f"{SPAN}_k{cfg.generation.span_first_tokens}", None))
   return out
 
 
-SPAN = "span"  # the method name of extractive one-pass span decoding
+SPAN = "span"  # the method name of extractive one-pass span decoding (span_k<K>: first-token rescoring)
 
 
 def _left_pad(rows, length, pad_id):
@@ -449,6 +453,9 @@ def _check(cfg: RagConfig, model_cfg) -> None:
   g = cfg.generation
   if g.answer_scope not in ("first_eos", "canvas"):
     raise ValueError(f"generation.answer_scope={g.answer_scope!r}; expected first_eos or canvas")
+  if g.span_first_tokens < 0 or (g.span_first_tokens and not g.span_decoding):
+    raise ValueError(f"generation.span_first_tokens={g.span_first_tokens} rescores span decoding's candidates: "
+                     "set generation.span_decoding=true with it, and K >= 1 (0 turns the rescoring off)")
   if cfg.spread.dream_hidden not in DREAM_HIDDEN:
     raise ValueError(f"spread.dream_hidden={cfg.spread.dream_hidden!r}; expected one of {DREAM_HIDDEN}")
   if cfg.spread.dream_hidden == "i_minus_1" and not model_cfg.shift_logits:
@@ -519,7 +526,7 @@ PREDICTION_SPEC = "predictions.spec.json"
 # only adds predictions (more sampled questions, more sets, more alphas: keyed by set, method, id)
 _ADDS_OR_PLACES = (("data", "limit"), ("data", "also"), ("data", "cache_dir"), ("data", "data_dir"),
                    ("retrieval", "cache_dir"), ("reader", "store"), ("spread", "alphas"),
-                   ("generation", "span_decoding"))
+                   ("generation", "span_decoding"), ("generation", "span_first_tokens"))
 
 
 def prediction_spec(cfg: RagConfig, infos: dict) -> dict:
@@ -634,7 +641,7 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
   qrep = _query_fn(model, cfg.spread.hidden_layer, cfg.spread.pooling, shift)
   extractive = cfg.reader.extractive and not cfg.reader.checkpoint
   causal = mcfg.causal
-  transforms = {n: make_transform(gen, rule, a, cfg.spread.pooling, extractive) for n, a in methods if n != SPAN} \
+  transforms = {n: make_transform(gen, rule, a, cfg.spread.pooling, extractive) for n, a in methods if not n.startswith(SPAN)} \
       if not causal else {"baseline": ar_sampler(gen.temperature)}
   special = np.zeros(len(tok), bool)
   special[[i for i in tok.all_special_ids if i < len(tok)]] = True
@@ -665,14 +672,15 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
       if cfg.spread.pooling == "max_token":
         extras["query_mask"] = jnp.asarray(q_mask)
       key = jax.random.key(gen.seed + start)
-      if any(n == SPAN for n, _ in todo):
+      if any(n.startswith(SPAN) for n, _ in todo):
         starts = np.zeros(ids.shape, bool)
         for i, b in enumerate(built):
           starts[i, ids.shape[1] - len(b.ids):] = word_starts(tok.convert_ids_to_tokens(b.ids))
         valid = span_candidates(ids, mask, starts, special[ids], gen.gen_length - 1)
       for name, _ in todo:
-        if name == SPAN:
-          call = lambda: jax.device_get(span_decode(model, params, ids, mask, valid, eos))
+        if name.startswith(SPAN):
+          k = int(name[len(SPAN) + 2:] or 0)
+          call = lambda: jax.device_get(span_decode(model, params, ids, mask, valid, eos, first_tokens=k))
         elif causal:
           call = lambda: _ar_as_sample(generate_ar(model, params, ids, key, max_new_tokens=gen.gen_length,
                                                    transform=transforms[name], attention_mask=mask, stop_ids=stops,
@@ -869,10 +877,11 @@ def _plots(out: Path, curves: dict, rows: list[dict]) -> None:
     ax.set_ylabel("cos(query, committed answer)")
     ax.set_title("semantic drift (mean over questions)")
     save_figure(fig, out / "drift.png", legend_size=7)
-  if len([r for r in rows if r["method"] != SPAN]) > 1:
+  if len([r for r in rows if not r["method"].startswith(SPAN)]) > 1:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for set_name in dict.fromkeys(r["dataset"] for r in rows):
-      pts = sorted(((r["alpha"], r["f1"], r) for r in rows if r["dataset"] == set_name and r["method"] != SPAN),
+      pts = sorted(((r["alpha"], r["f1"], r) for r in rows
+                    if r["dataset"] == set_name and not r["method"].startswith(SPAN)),
                    key=lambda x: x[:2])
       xs = [p[0] for p in pts]
       ys = [p[1] for p in pts]

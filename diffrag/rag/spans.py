@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffrag.gr.decode import masked_canvas_logp
+from diffrag.gr.decode import canvas_logp, masked_canvas_logp
 from diffrag.sampling.sampler import Sample
 
 
@@ -69,38 +69,87 @@ def span_candidates(ids: np.ndarray, mask: np.ndarray, starts: np.ndarray, speci
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("model", "gen_length", "eos_id"))
-def _span_decode(params, ids, mask, valid, *, model, gen_length, eos_id):
-  """ids, mask: [B, P]; valid: [B, P, G-1] -> (canvas [B, G], log p_p of each canvas token [B, G])."""
-  g, (b, p) = gen_length, ids.shape
-  logp = masked_canvas_logp(params, ids, mask, g, model)                  # [B, G, V]
-  tok = jnp.take_along_axis(logp, jnp.broadcast_to(ids[:, None, :], (b, g, p)), axis=2)  # [B, G, P]: log p_p(x_j)
+def _span_scores(logp, ids, eos_id, first=None):
+  """s(j, l) of every span of the prompt: [B, P, G-1] (l = index + 1).
+
+  logp: [B, G, V] canvas log-probabilities; ids: [B, P]; first: [B, P] (optional) replaces the
+  position-0 term log p_0(x_j) (the first token's log-probability from another pass)."""
+  (b, g, _), p = logp.shape, ids.shape[1]
   m = g - 1
+  tok = jnp.take_along_axis(logp, jnp.broadcast_to(ids[:, None, :], (b, g, p)), axis=2)  # [B, G, P]: log p_p(x_j)
   at = jnp.minimum(jnp.arange(p)[:, None] + jnp.arange(m)[None, :], p - 1)  # [P, m]: j + q
   diag = tok[:, jnp.arange(m)[None, :], at]                                 # [B, P, m]: log p_q(x_{j+q})
+  if first is not None:
+    diag = diag.at[:, :, 0].set(first)
   head = jnp.cumsum(diag, axis=2)                                           # [B, P, m]: sum over q < l
-  eos = logp[:, :, eos_id]                                        # [B, G]
+  eos = logp[:, :, eos_id]                                                  # [B, G]
   tail = jnp.flip(jnp.cumsum(jnp.flip(eos, 1), 1), 1)[:, 1:]               # [B, m]: sum over p >= l, l = 1..m
-  score = jnp.where(valid, head + tail[:, None, :], -jnp.inf).reshape(b, p * m)
-  best = jnp.argmax(score, axis=1)
+  return head + tail[:, None, :]
+
+
+def _first_token_scores(params, ids, mask, score, logp, *, model, eos_id, k):
+  """Spans rescored with their first token committed: [B, P, G-1] (-inf unless x_j is one of the k first tokens).
+
+  score: [B, P, G-1] one-pass scores (-inf for non-candidates); logp: [B, G, V] of that pass.
+  The k distinct first tokens of the best spans are committed at canvas position 0, one
+  canvas each (one batched pass of B·k rows), and a span starting with token c scores
+      log p_0(c | all masked) + sum_{1 <= p < l} log p_p(x_{j+p} | c) + sum_{p >= l} log p_p(EOS | c)."""
+  (b, p), g = ids.shape, logp.shape[1]
+  v = logp.shape[2]
+  best_at = score.max(axis=2)                                               # [B, P]: best span starting at j
+  per_token = jnp.full((b, v), -jnp.inf).at[jnp.arange(b)[:, None], ids].max(best_at)  # [B, V]
+  top, first = jax.lax.top_k(per_token, k)                                  # [B, k] distinct first tokens
+  canvas = jnp.full((b * k, g), model.config.mask_token_id, jnp.int32).at[:, 0].set(first.reshape(-1))
+  rep = lambda x: jnp.repeat(x, k, axis=0)
+  cond = canvas_logp(params, rep(ids), rep(mask), canvas, model)            # [B·k, G, V]
+  first_lp = jnp.take_along_axis(logp[:, 0, :], ids, axis=1)               # [B, P]: log p_0(x_j | all masked)
+  s = _span_scores(cond, rep(ids), eos_id, rep(first_lp)).reshape(b, k, p, g - 1)
+  starts_with = (ids[:, None, :] == first[:, :, None]) & jnp.isfinite(top)[:, :, None]  # [B, k, P]
+  s = jnp.where(starts_with[..., None] & jnp.isfinite(score)[:, None], s, -jnp.inf)
+  return s.max(axis=1), cond.reshape(b, k, g, v), first
+
+
+@functools.partial(jax.jit, static_argnames=("model", "gen_length", "eos_id", "first_tokens"))
+def _span_decode(params, ids, mask, valid, *, model, gen_length, eos_id, first_tokens):
+  """ids, mask: [B, P]; valid: [B, P, G-1] -> (canvas [B, G], log p_p of each canvas token [B, G])."""
+  g, (b, p) = gen_length, ids.shape
+  m = g - 1
+  logp = masked_canvas_logp(params, ids, mask, g, model)                  # [B, G, V]
+  score = jnp.where(valid, _span_scores(logp, ids, eos_id), -jnp.inf)     # [B, P, m]
+  if first_tokens:
+    score, cond, first = _first_token_scores(params, ids, mask, score, logp, model=model, eos_id=eos_id,
+                                             k=first_tokens)
+  best = jnp.argmax(score.reshape(b, p * m), axis=1)
   j, l = best // m, best % m + 1
   pos = jnp.arange(g)[None, :]
   src = jnp.clip(j[:, None] + pos, 0, p - 1)
   out = jnp.where(pos < l[:, None], jnp.take_along_axis(ids, src, axis=1), eos_id).astype(jnp.int32)
-  return out, jnp.take_along_axis(logp, out[..., None], axis=2)[..., 0]
+  logprob = jnp.take_along_axis(logp, out[..., None], axis=2)[..., 0]
+  if first_tokens:  # positions >= 1 under the pass that committed the answer's first token
+    which = jnp.argmax(first == out[:, :1], axis=1)                         # [B]
+    chosen = cond[jnp.arange(b), which]                                     # [B, G, V]
+    logprob = logprob.at[:, 1:].set(jnp.take_along_axis(chosen, out[..., None], axis=2)[:, 1:, 0])
+  return out, logprob
 
 
-def span_decode(model, params, ids, mask, valid, eos_id: int) -> Sample:
-  """The best span of each prompt as a `Sample` (one forward pass; every position committed at step 0).
+def span_decode(model, params, ids, mask, valid, eos_id: int, first_tokens: int = 0) -> Sample:
+  """The best span of each prompt as a `Sample` (every position committed at step 0).
 
   ids, mask: [B, P] left-padded prompts; valid: [B, P, G-1] from `span_candidates` (G the canvas).
-  A prompt with no candidate span answers with EOS (`eos_id`, the reader's padding token) only.
+  first_tokens = 0: one forward pass, mean-field scores. first_tokens = k > 0: the spans whose
+  first token is one of the k best first tokens are rescored with that token committed
+  (`_first_token_scores`); 1 + k forward passes (the k in one batched call), reported in
+  `num_forward`. A prompt with no candidate span answers with EOS (`eos_id`, the reader's
+  padding token) only.
   """
   ids, mask, valid = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(valid, bool)
   chex.assert_rank([ids, mask, valid], [2, 2, 3])
+  if first_tokens < 0:
+    raise ValueError(f"first_tokens must be >= 0 (0: one-pass mean-field scores), got {first_tokens}")
   g = valid.shape[2] + 1
-  canvas, logprob = _span_decode(params, ids, mask, valid, model=model, gen_length=g, eos_id=int(eos_id))
+  canvas, logprob = _span_decode(params, ids, mask, valid, model=model, gen_length=g, eos_id=int(eos_id),
+                                 first_tokens=int(first_tokens))
   none = ~valid.any(axis=(1, 2))[:, None]
   canvas = jnp.where(none, eos_id, canvas)
   return Sample(tokens=jnp.concatenate([ids, canvas], 1), commit_step=jnp.zeros(canvas.shape, jnp.int32),
-                logprob=jnp.where(none, 0.0, logprob), num_forward=jnp.asarray(1, jnp.int32))
+                logprob=jnp.where(none, 0.0, logprob), num_forward=jnp.asarray(1 + int(first_tokens), jnp.int32))

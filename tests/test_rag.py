@@ -502,16 +502,19 @@ def test_a_tiny_reader_learns_to_read_held_out_articles(tmp_path):
           "reader.train_steps=80", "reader.batch_size=8", "reader.lr=1e-3", "reader.warmup_steps=5",
           f"reader.store={tmp_path / 'store'}", "prompt.chat=false", "prompt.max_prompt_tokens=32",
           "generation.gen_length=4", "generation.steps=4", "generation.batch_size=8", "spread.alphas=[]",
-          "generation.span_decoding=true", "drift=false", f"out_dir={tmp_path / 'out'}"]
+          "generation.span_decoding=true", "generation.span_first_tokens=2", "drift=false",
+          f"out_dir={tmp_path / 'out'}"]
   summary = run_rag(config_lib.load(RagConfig, None, over), progress=False)
-  row, span = summary["methods"]
+  row, span, span_k = summary["methods"]
   assert summary["sets"]["squad_v1:dev"]["leakage"]["contexts_shared"] == 0 and row["n"] == 16
   # a random word of the 10-word passage scores EM 10%: the reader must do much better, and so
   # must one-pass span decoding of the same reader (paired with the sampler, one forward pass)
   assert row["em"] >= 40, row
   assert span["method"] == "span" and span["n"] == 16 and span["em"] >= 40 and "[" in span["d_f1"], span
+  assert span_k["method"] == "span_k2" and span_k["n"] == 16 and span_k["em"] >= 40, span_k
   preds = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
   assert {x["forward_passes"] for x in preds if x["method"] == "span"} == {1}
+  assert {x["forward_passes"] for x in preds if x["method"] == "span_k2"} == {3}
 
 
 def test_reader_artefact_key_changes_with_every_determining_field(tmp_path):
@@ -573,6 +576,9 @@ def test_rag_split_by_article_and_bad_inputs(tmp_path):
   with pytest.raises(ValueError, match="context limit"):
     run_rag(config_lib.load(RagConfig, None, _rag_overrides(tmp_path) + [
         "reader.train_data=squad_v1:train", "prompt.max_prompt_tokens=510"]), progress=False)
+  with pytest.raises(ValueError, match="set generation.span_decoding=true"):
+    run_rag(config_lib.load(RagConfig, None, _rag_overrides(tmp_path) + ["generation.span_first_tokens=4"]),
+            progress=False)
 
 
 def test_qa_readers_for_every_released_format(tmp_path):

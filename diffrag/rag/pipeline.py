@@ -415,6 +415,11 @@ def make_transform(gen: GenerationSpec, rule: str, alpha: float | None, pooling:
 
 
 def methods_of(cfg: RagConfig) -> list[tuple[str, float | None]]:
+  """(name, SPREAD alpha) of every decoding method the config runs; a bad choice is an error."""
+  g = cfg.generation
+  if g.span_first_tokens < 0 or (g.span_first_tokens and not g.span_decoding):
+    raise ValueError(f"generation.span_first_tokens={g.span_first_tokens} rescores span decoding's candidates: "
+                     "set generation.span_decoding=true with it, and K >= 1 (0 turns the rescoring off)")
   out = [("baseline", None)]
   for a in cfg.spread.alphas:
     if not 0 < float(a) <= 1:
@@ -453,9 +458,6 @@ def _check(cfg: RagConfig, model_cfg) -> None:
   g = cfg.generation
   if g.answer_scope not in ("first_eos", "canvas"):
     raise ValueError(f"generation.answer_scope={g.answer_scope!r}; expected first_eos or canvas")
-  if g.span_first_tokens < 0 or (g.span_first_tokens and not g.span_decoding):
-    raise ValueError(f"generation.span_first_tokens={g.span_first_tokens} rescores span decoding's candidates: "
-                     "set generation.span_decoding=true with it, and K >= 1 (0 turns the rescoring off)")
   if cfg.spread.dream_hidden not in DREAM_HIDDEN:
     raise ValueError(f"spread.dream_hidden={cfg.spread.dream_hidden!r}; expected one of {DREAM_HIDDEN}")
   if cfg.spread.dream_hidden == "i_minus_1" and not model_cfg.shift_logits:
@@ -562,6 +564,7 @@ def claim_out_dir(out: Path, spec: dict) -> None:
 
 
 def run_rag(cfg: RagConfig, progress: bool = True) -> dict:
+  methods_of(cfg)  # the decoding choices are checked before any data is read or reader trained
   out = Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   walls: dict[str, float] = {}

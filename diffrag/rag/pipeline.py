@@ -644,8 +644,8 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
   qrep = _query_fn(model, cfg.spread.hidden_layer, cfg.spread.pooling, shift)
   extractive = cfg.reader.extractive and not cfg.reader.checkpoint
   causal = mcfg.causal
-  transforms = {n: make_transform(gen, rule, a, cfg.spread.pooling, extractive) for n, a in methods if not n.startswith(SPAN)} \
-      if not causal else {"baseline": ar_sampler(gen.temperature)}
+  transforms = {"baseline": ar_sampler(gen.temperature)} if causal else \
+      {n: make_transform(gen, rule, a, cfg.spread.pooling, extractive) for n, a in methods if not n.startswith(SPAN)}
   special = np.zeros(len(tok), bool)
   special[[i for i in tok.all_special_ids if i < len(tok)]] = True
   stops = stop_ids_of(cfg.reader.checkpoint, mcfg) if causal and cfg.reader.checkpoint else (eos,)
@@ -682,7 +682,7 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
         valid = span_candidates(ids, mask, starts, special[ids], gen.gen_length - 1)
       for name, _ in todo:
         if name.startswith(SPAN):
-          k = int(name[len(SPAN) + 2:] or 0)
+          k = 0 if name == SPAN else gen.span_first_tokens
           call = lambda: jax.device_get(span_decode(model, params, ids, mask, valid, eos, first_tokens=k))
         elif causal:
           call = lambda: _ar_as_sample(generate_ar(model, params, ids, key, max_new_tokens=gen.gen_length,

@@ -14,6 +14,11 @@ scores all G positions, so the per-position normalisers are common to all of the
 ranking is that of the summed logits. The answer is the arg max; its length is part of the
 decision (the EOS terms), which the iterative sampler makes one confident EOS at a time.
 
+The mean-field score at positions after the first is a mixture over every place the answer
+could start, which favours EOS. With `first_tokens = K` the K distinct first tokens of the best
+spans are committed at canvas position 0 (K canvases, one batched pass) and the spans starting
+with each are rescored under it: a chain rule over the first token (`_first_token_scores`).
+
 Candidates (`span_candidates`): spans of real prompt tokens with no special token inside,
 starting at a word start and ending at a word end (a WordPiece `##` piece continues a word;
 a SentencePiece `▁` / byte-BPE `Ġ` piece starts one; other tokenizers: every token).

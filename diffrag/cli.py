@@ -34,8 +34,8 @@ def cmd_demo(args) -> int:
           f"{cfg.retrieval.k}); answers of {cfg.generation.gen_length} tokens in {cfg.generation.steps} steps; "
           f"SPREAD alphas {cfg.spread.alphas}")
     summary = run_rag(cfg)
-    tables.append(f"RAG: baseline vs SPREAD (outputs in {cfg.out_dir}/). {rag_caption(summary)}\n\n"
-                  + summary["table"])
+    tables.append(f"RAG: the baseline sampler vs SPREAD and span decoding, as configured (outputs in "
+                  f"{cfg.out_dir}/). {rag_caption(summary)}\n\n" + summary["table"])
   if args.only in (None, "gr"):
     cfg = config_lib.load(GRConfig, CONFIGS / "gr_minilm_scifact.yaml",
                           [f"data.data_dir={root}", f"out_dir={args.out}/gr"] + list(args.gr))

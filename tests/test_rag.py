@@ -536,10 +536,13 @@ def test_reader_artefact_key_changes_with_every_determining_field(tmp_path):
              ("prompt.template='Q: {question} C: {passages} A:'",), ("generation.gen_length=12",),
              ("reader.train_steps=3",), ("reader.lr=1e-3",), ("reader.batch_size=4",), ("reader.seed=1",),
              ("reader.distractors=0",), ("reader.extractive=false",), ("retrieval.max_chars=30",),
-             ("reader.warmup_steps=2",), ("reader.weighting=flat",), ("reader.schedule=poly0.5",)]
+             ("reader.warmup_steps=2",), ("reader.weighting=flat",), ("reader.schedule=poly0.5",),
+             ("reader.distractor_retriever=bm25",)]
   keys = [key(*c) for c in changed]
   assert ref not in keys and len(set(keys)) == len(keys)
   assert key("generation.steps=4", "spread.alphas=[0.3]", "data.limit=1") == ref  # decoding only
+  with pytest.raises(ValueError, match=r"reader.distractor_retriever='gold'.*'dense', 'bm25', 'hybrid'"):
+    key("reader.distractor_retriever=gold")
 
 
 def test_decoding_sweep_pairs_every_setting_with_the_exact_sampler(tmp_path):

@@ -83,6 +83,8 @@ class ReaderSpec:
                                   # set's groups outside the holdout
   train_limit: int = 0            # train on at most this many questions (0 = all)
   distractors: int = 1            # retrieved passages beside the gold one in every training prompt
+  distractor_retriever: str = "dense"  # dense | bm25 | hybrid: what retrieves those distractors from the training
+                                       # set's own passages (hybrid: the harder ones the hybrid eval retriever shows)
   train_steps: int = 300
   batch_size: int = 16
   lr: float = 2.0e-4
@@ -252,14 +254,17 @@ def answer_in(text: str, answers) -> bool:
 # ----------------------------------------------------------------------------- reader
 
 
+DISTRACTOR_RETRIEVERS = ("dense", "bm25", "hybrid")
+
+
 def _training_prompts(cfg: RagConfig, train, tok, spec: PromptSpec):
   """Per training question: gold passage + retrieved distractors (gold at a seeded random rank,
   moved first if the fitting rule would cut its answer out). Returns (pairs, stats, passages)."""
   corpus = build_corpus(dataclasses.replace(cfg, retrieval=dataclasses.replace(cfg.retrieval, corpus=["dataset"])),
                         train)
   n_dis = cfg.reader.distractors
-  retrieved = retrieve(dataclasses.replace(cfg, retrieval=dataclasses.replace(cfg.retrieval, retriever="dense")),
-                       train, corpus, k=n_dis + 1) if n_dis else {}
+  by = dataclasses.replace(cfg.retrieval, retriever=cfg.reader.distractor_retriever)
+  retrieved = retrieve(dataclasses.replace(cfg, retrieval=by), train, corpus, k=n_dis + 1) if n_dis else {}
   g, cut = cfg.generation.gen_length, cfg.retrieval.max_chars
   pairs, used, moved, missing, split = [], {}, 0, 0, 0
   for r in train:
@@ -304,6 +309,9 @@ def reader_request(cfg: RagConfig, train, train_info: dict, spec: PromptSpec) ->
   from diffrag.models import load_tokenizer, minilm_path  # pylint: disable=import-outside-toplevel
   from diffrag.train.loop import LoopSpec, MeshSpec, ModelSpec, TrainConfig  # pylint: disable=import-outside-toplevel
   from diffrag.train.step import OptimConfig  # pylint: disable=import-outside-toplevel
+  if cfg.reader.distractor_retriever not in DISTRACTOR_RETRIEVERS:
+    raise ValueError(f"reader.distractor_retriever={cfg.reader.distractor_retriever!r}; expected one of "
+                     f"{DISTRACTOR_RETRIEVERS} (what retrieves the training prompts' distractors)")
   tok = load_tokenizer(minilm_path())
   if not train:
     raise ValueError(f"the reader's training set ({train_info.get('name')}) has no answerable question: set "
@@ -320,7 +328,7 @@ def reader_request(cfg: RagConfig, train, train_info: dict, spec: PromptSpec) ->
   flat = np.concatenate([np.asarray(p + [-1] + a + [-2], np.int64) for p, a in pairs])
   art_spec = {"recipe": RECIPE, "init": "all-MiniLM-L6-v2", "tokenizer": "all-MiniLM-L6-v2",
               "train_data": {k: train_info.get(k) for k in ("name", "file_fingerprint", "holdout_of")},
-              "prompt": spec, "distractors": rd.distractors, "retriever": "dense", "max_chars": cfg.retrieval.max_chars,
+              "prompt": spec, "distractors": rd.distractors, "retriever": rd.distractor_retriever, "max_chars": cfg.retrieval.max_chars,
               "answer_canvas": g, "bucket": rd.bucket, "extractive": rd.extractive, "copy_head": rd.copy_head,
               "pairs": array_digest(flat), **dropout,
               "n_pairs": len(pairs), "optim": tcfg.optim, "train": tcfg.train}

@@ -328,7 +328,8 @@ def reader_request(cfg: RagConfig, train, train_info: dict, spec: PromptSpec) ->
   flat = np.concatenate([np.asarray(p + [-1] + a + [-2], np.int64) for p, a in pairs])
   art_spec = {"recipe": RECIPE, "init": "all-MiniLM-L6-v2", "tokenizer": "all-MiniLM-L6-v2",
               "train_data": {k: train_info.get(k) for k in ("name", "file_fingerprint", "holdout_of")},
-              "prompt": spec, "distractors": rd.distractors, "retriever": rd.distractor_retriever, "max_chars": cfg.retrieval.max_chars,
+              "prompt": spec, "distractors": rd.distractors, "retriever": rd.distractor_retriever,
+              "max_chars": cfg.retrieval.max_chars,
               "answer_canvas": g, "bucket": rd.bucket, "extractive": rd.extractive, "copy_head": rd.copy_head,
               "pairs": array_digest(flat), **dropout,
               "n_pairs": len(pairs), "optim": tcfg.optim, "train": tcfg.train}

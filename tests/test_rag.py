@@ -613,3 +613,24 @@ def test_qa_readers_for_every_released_format(tmp_path):
     read_qa(tmp_path, "squad_v1:test")
   with pytest.raises(FileNotFoundError, match="squad"):
     read_qa(tmp_path, "squad")
+
+
+def test_out_dir_written_before_a_setting_existed_resumes_only_at_its_default(tmp_path):
+  """A setting added to diffrag after out_dir's predictions were written matches them at its
+  default (every earlier run had it) and is an error naming it at any other value."""
+  from diffrag import config as config_lib
+  from diffrag.rag.pipeline import RagConfig, claim_out_dir, prediction_spec
+  infos = {"squad_v1:dev": {"file_fingerprint": {"bytes": 1, "sha256": "ab"}}}
+  defaults = prediction_spec(RagConfig(), infos)
+  written = prediction_spec(RagConfig(), infos)
+  del written["config"]["reader"]["distractor_retriever"]  # as stored before the setting existed
+  (tmp_path / "predictions.jsonl").write_text('{"id": "q1"}\n')
+  (tmp_path / "predictions.spec.json").write_text(json.dumps(written))
+  claim_out_dir(tmp_path, prediction_spec(RagConfig(), infos), defaults=defaults)  # resumes
+  hybrid = config_lib.load(RagConfig, None, ["reader.distractor_retriever=hybrid"])
+  with pytest.raises(ValueError, match=r"reader.distractor_retriever: '<absent>' -> 'hybrid'"):
+    claim_out_dir(tmp_path, prediction_spec(hybrid, infos), defaults=defaults)
+  k1 = config_lib.load(RagConfig, None, ["retrieval.k=1"])
+  with pytest.raises(ValueError, match=r"retrieval.k: 5 -> 1"):
+    claim_out_dir(tmp_path, prediction_spec(k1, infos), defaults=defaults)
+  assert json.loads((tmp_path / "predictions.spec.json").read_text()) == written  # never rewritten

@@ -552,17 +552,29 @@ def prediction_spec(cfg: RagConfig, infos: dict) -> dict:
   return canonical({"config": d, "reader_recipe": RECIPE, "data_files": files})
 
 
-def claim_out_dir(out: Path, spec: dict) -> None:
+def _less_new_defaults(old, new, default):
+  """`new` less the fields `old` lacks whose value in `new` is their `default`: settings diffrag
+  added after `old` was written, left at the value every earlier run had (all nested dicts)."""
+  if not isinstance(new, dict) or not isinstance(old, dict):
+    return new
+  default = default if isinstance(default, dict) else {}
+  return {k: _less_new_defaults(old[k], v, default.get(k)) if k in old else v for k, v in new.items()
+          if k in old or k not in default or default[k] != v}
+
+
+def claim_out_dir(out: Path, spec: dict, defaults: dict | None = None) -> None:
   """Binds out_dir's predictions to `spec` (`prediction_spec`): written while the folder holds no
   prediction yet; once it does, a rerun with the same spec resumes and any other is an error
-  naming what differs, so predictions of one config are never counted as another's."""
+  naming what differs, so predictions of one config are never counted as another's. A setting
+  the stored spec lacks matches when it is at its value in `defaults` (the spec of the default
+  config): added to diffrag since, it cannot have changed those predictions."""
   path, preds = out / PREDICTION_SPEC, out / "predictions.jsonl"
   if preds.exists() and preds.stat().st_size:
     if not path.exists():
       raise ValueError(f"{preds} was written by a run that did not record what its predictions depend on (an "
                        f"older diffrag): move it away or set out_dir to a new folder")
     old = json.loads(path.read_text())
-    if old != spec:
+    if old != _less_new_defaults(old, spec, defaults):
       diff = spec_diff(old, spec)
       raise ValueError(f"{out} holds predictions of a different run ({len(diff)} field(s) differ: "
                        f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}); set out_dir to a new folder, or "
@@ -594,8 +606,8 @@ def run_rag(cfg: RagConfig, progress: bool = True) -> dict:
       train = records
     train = sample(train, cfg.reader.train_limit, cfg.reader.seed)
     train_info = info
-  claim_out_dir(out, prediction_spec(cfg, {info["name"]: info for _, info in loaded.values()} |
-                                     ({"reader_train": train_info} if train_info else {})))
+  infos = {info["name"]: info for _, info in loaded.values()} | ({"reader_train": train_info} if train_info else {})
+  claim_out_dir(out, prediction_spec(cfg, infos), defaults=prediction_spec(RagConfig(), infos))
   walls["load_data"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   model, params, tok, reader_record, train_prompts = load_reader(cfg, train, train_info, spec)

@@ -631,6 +631,6 @@ def test_out_dir_written_before_a_setting_existed_resumes_only_at_its_default(tm
   with pytest.raises(ValueError, match=r"reader.distractor_retriever: '<absent>' -> 'hybrid'"):
     claim_out_dir(tmp_path, prediction_spec(hybrid, infos), defaults=defaults)
   k1 = config_lib.load(RagConfig, None, ["retrieval.k=1"])
-  with pytest.raises(ValueError, match=r"retrieval.k: 5 -> 1"):
+  with pytest.raises(ValueError, match=r"\(1 field\(s\) differ: config.retrieval.k: 5 -> 1\)"):
     claim_out_dir(tmp_path, prediction_spec(k1, infos), defaults=defaults)
   assert json.loads((tmp_path / "predictions.spec.json").read_text()) == written  # never rewritten

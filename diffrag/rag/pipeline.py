@@ -574,8 +574,9 @@ def claim_out_dir(out: Path, spec: dict, defaults: dict | None = None) -> None:
       raise ValueError(f"{preds} was written by a run that did not record what its predictions depend on (an "
                        f"older diffrag): move it away or set out_dir to a new folder")
     old = json.loads(path.read_text())
-    if old != _less_new_defaults(old, spec, defaults):
-      diff = spec_diff(old, spec)
+    compared = _less_new_defaults(old, spec, defaults)
+    if old != compared:
+      diff = spec_diff(old, compared)  # the real differences only, not settings added since at their default
       raise ValueError(f"{out} holds predictions of a different run ({len(diff)} field(s) differ: "
                        f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}); set out_dir to a new folder, or "
                        f"delete {preds} and {path} to start over")

@@ -537,12 +537,43 @@ def test_reader_artefact_key_changes_with_every_determining_field(tmp_path):
              ("reader.train_steps=3",), ("reader.lr=1e-3",), ("reader.batch_size=4",), ("reader.seed=1",),
              ("reader.distractors=0",), ("reader.extractive=false",), ("retrieval.max_chars=30",),
              ("reader.warmup_steps=2",), ("reader.weighting=flat",), ("reader.schedule=poly0.5",),
-             ("reader.distractor_retriever=bm25",)]
+             ("reader.distractor_retriever=bm25",), ("reader.prompt_variants=2",)]
   keys = [key(*c) for c in changed]
   assert ref not in keys and len(set(keys)) == len(keys)
   assert key("generation.steps=4", "spread.alphas=[0.3]", "data.limit=1") == ref  # decoding only
   with pytest.raises(ValueError, match=r"reader.distractor_retriever='gold'.*'dense', 'bm25', 'hybrid'"):
     key("reader.distractor_retriever=gold")
+  with pytest.raises(ValueError, match=r"reader.prompt_variants=0; expected an integer >= 1"):
+    key("reader.prompt_variants=0")
+
+
+def test_prompt_variants_give_each_question_distinct_distractors_and_keep_variant_zero(tmp_path):
+  """reader.prompt_variants=2: two prompts per question, the first identical to the single
+  prompt of the default, the second beside other distractors; every one holds its answer."""
+  from diffrag import config as config_lib
+  from diffrag.rag.pipeline import RagConfig, answer_in, load_set, reader_request
+  _squad_files(tmp_path / "data")
+  base = _rag_overrides(tmp_path) + ["reader.train_data=squad_v1:train", "retrieval.retriever=dense",
+                                    "retrieval.chunk_words=12"]  # several chunks per article: distractors to spare
+
+  def request(*extra):
+    cfg = config_lib.load(RagConfig, None, base + list(extra))
+    records, info = load_set(cfg, cfg.reader.train_data)
+    return reader_request(cfg, records, info, cfg.prompt)
+
+  one, two = request(), request("reader.prompt_variants=2")
+  n = one.pair_stats["pairs"]
+  assert n > 0 and two.pair_stats["pairs"] > n
+  tok = one.tokenizer
+  for prompt, answer in two.pairs:
+    assert answer_in(tok.decode(prompt), [tok.decode(answer)])
+  # variant 0 of every question is the default's prompt: the default's pairs, in order, within the new ones
+  rest = iter(two.pairs)
+  assert all(any(p == q for q in rest) for p in one.pairs)
+  for q, ps in two.used.items():
+    assert {p["id"] for p in one.used[q]} <= {p["id"] for p in ps}
+  distinct = sum(len(two.used[q]) > len(one.used[q]) for q in one.used)
+  assert distinct > 0  # second variants brought passages the first did not show
 
 
 def test_decoding_sweep_pairs_every_setting_with_the_exact_sampler(tmp_path):

@@ -83,6 +83,8 @@ class ReaderSpec:
                                   # set's groups outside the holdout
   train_limit: int = 0            # train on at most this many questions (0 = all)
   distractors: int = 1            # retrieved passages beside the gold one in every training prompt
+  prompt_variants: int = 1        # training prompts per question: variant v holds the distractors retrieved at
+                                  # ranks [v d, (v + 1) d) and the gold passage at its own seeded rank
   distractor_retriever: str = "dense"  # dense | bm25 | hybrid: what retrieves those distractors from the training
                                        # set's own passages (hybrid: the harder ones the hybrid eval retriever shows)
   train_steps: int = 300
@@ -258,13 +260,16 @@ DISTRACTOR_RETRIEVERS = ("dense", "bm25", "hybrid")
 
 
 def _training_prompts(cfg: RagConfig, train, tok, spec: PromptSpec):
-  """Per training question: gold passage + retrieved distractors (gold at a seeded random rank,
-  moved first if the fitting rule would cut its answer out). Returns (pairs, stats, passages)."""
+  """Per training question, `reader.prompt_variants` prompts: gold passage + retrieved distractors
+  (variant v: the distractors at ranks [v d, (v + 1) d) of the retrieved list without the gold
+  passage, the gold one at a seeded random rank, moved first if the fitting rule would cut its
+  answer out). Variant 0 is the single prompt of `prompt_variants=1`. Returns (pairs, stats,
+  passages {id: every passage its prompts used})."""
   corpus = build_corpus(dataclasses.replace(cfg, retrieval=dataclasses.replace(cfg.retrieval, corpus=["dataset"])),
                         train)
-  n_dis = cfg.reader.distractors
+  n_dis, n_var = cfg.reader.distractors, cfg.reader.prompt_variants
   by = dataclasses.replace(cfg.retrieval, retriever=cfg.reader.distractor_retriever)
-  retrieved = retrieve(dataclasses.replace(cfg, retrieval=by), train, corpus, k=n_dis + 1) if n_dis else {}
+  retrieved = retrieve(dataclasses.replace(cfg, retrieval=by), train, corpus, k=n_dis * n_var + 1) if n_dis else {}
   g, cut = cfg.generation.gen_length, cfg.retrieval.max_chars
   pairs, used, moved, missing, split = [], {}, 0, 0, 0
   for r in train:
@@ -272,21 +277,28 @@ def _training_prompts(cfg: RagConfig, train, tok, spec: PromptSpec):
     if not chunks:
       split += 1  # the answer crosses a chunk boundary: no chunk holds it (skipped, counted)
       continue
-    gold = {"id": chunks[0]["id"], "text": corpus_text(chunks[0])[:cut]}
-    others = [p for p in retrieved.get(r["id"], []) if p["id"] != gold["id"]][:n_dis]
-    rank = int(hashlib.sha1(f"{cfg.reader.seed}:{r['id']}".encode()).hexdigest()[:8], 16) % (len(others) + 1)
-    ctx = others[:rank] + [gold] + others[rank:]
-    prompt, kept, _ = build_prompt(tok, spec, r["question"], [p["text"] for p in ctx])
-    if kept <= rank or not answer_in(tok.decode(prompt), r["answers"][:1]):
-      ctx = [gold] + others
-      prompt, kept, _ = build_prompt(tok, spec, r["question"], [p["text"] for p in ctx])
-      moved += 1
     answer = tok(r["answers"][0], add_special_tokens=False)["input_ids"]
     if len(answer) > g - 1:
       missing += 1  # an answer longer than the canvas cannot be a target: skipped, counted
       continue
-    pairs.append((prompt, answer))
-    used[r["id"]] = ctx[:kept]
+    gold = {"id": chunks[0]["id"], "text": corpus_text(chunks[0])[:cut]}
+    pool = [p for p in retrieved.get(r["id"], []) if p["id"] != gold["id"]]
+    seen = {}
+    for v in range(n_var):
+      others = pool[v * n_dis:(v + 1) * n_dis]
+      if v and not others:
+        break  # fewer retrieved passages than variants ask for: no further distinct prompt
+      salt = f"{cfg.reader.seed}:{r['id']}" + (f":{v}" if v else "")
+      rank = int(hashlib.sha1(salt.encode()).hexdigest()[:8], 16) % (len(others) + 1)
+      ctx = others[:rank] + [gold] + others[rank:]
+      prompt, kept, _ = build_prompt(tok, spec, r["question"], [p["text"] for p in ctx])
+      if kept <= rank or not answer_in(tok.decode(prompt), r["answers"][:1]):
+        ctx = [gold] + others
+        prompt, kept, _ = build_prompt(tok, spec, r["question"], [p["text"] for p in ctx])
+        moved += 1
+      pairs.append((prompt, answer))
+      seen.update({p["id"]: p for p in ctx[:kept]})
+    used[r["id"]] = list(seen.values())
   stats_ = {"questions": len(train), "pairs": len(pairs), "answers_longer_than_canvas_skipped": missing,
             "answer_split_across_chunks_skipped": split, "gold_moved_first_to_fit": moved}
   return pairs, stats_, used
@@ -312,6 +324,9 @@ def reader_request(cfg: RagConfig, train, train_info: dict, spec: PromptSpec) ->
   if cfg.reader.distractor_retriever not in DISTRACTOR_RETRIEVERS:
     raise ValueError(f"reader.distractor_retriever={cfg.reader.distractor_retriever!r}; expected one of "
                      f"{DISTRACTOR_RETRIEVERS} (what retrieves the training prompts' distractors)")
+  if cfg.reader.prompt_variants < 1:
+    raise ValueError(f"reader.prompt_variants={cfg.reader.prompt_variants}; expected an integer >= 1 (training "
+                     "prompts per question)")
   tok = load_tokenizer(minilm_path())
   if not train:
     raise ValueError(f"the reader's training set ({train_info.get('name')}) has no answerable question: set "
@@ -319,6 +334,7 @@ def reader_request(cfg: RagConfig, train, train_info: dict, spec: PromptSpec) ->
   pairs, pair_stats, used = _training_prompts(cfg, train, tok, spec)
   g, rd = cfg.generation.gen_length, cfg.reader
   dropout = {"dropout": rd.dropout} if rd.dropout else {}  # absent at 0: readers trained before it existed match
+  variants = {"prompt_variants": rd.prompt_variants} if rd.prompt_variants != 1 else {}  # likewise at 1
   tcfg = TrainConfig(model=ModelSpec(init="minilm", overrides={"copy_head": rd.copy_head, **dropout}),
                      optim=OptimConfig(lr=rd.lr, warmup_steps=rd.warmup_steps, schedule="cosine", weight_decay=0.01),
                      train=LoopSpec(steps=rd.train_steps, batch_size=rd.batch_size, seed=rd.seed, log_every=25,
@@ -331,7 +347,7 @@ def reader_request(cfg: RagConfig, train, train_info: dict, spec: PromptSpec) ->
               "prompt": spec, "distractors": rd.distractors, "retriever": rd.distractor_retriever,
               "max_chars": cfg.retrieval.max_chars,
               "answer_canvas": g, "bucket": rd.bucket, "extractive": rd.extractive, "copy_head": rd.copy_head,
-              "pairs": array_digest(flat), **dropout,
+              "pairs": array_digest(flat), **dropout, **variants,
               "n_pairs": len(pairs), "optim": tcfg.optim, "train": tcfg.train}
   return ReaderRequest(art_spec, pairs, pair_stats, used, tcfg, tok)
 

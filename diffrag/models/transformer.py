@@ -19,6 +19,7 @@ mlp, vocab, kv_heads, layers`); `diffrag.parallel` maps them to mesh axes by a r
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -34,7 +35,7 @@ _CHOICES = {
     "positions": ("rope", "learned"),
     "mlp": ("swiglu", "gelu"),
     "head": ("linear", "tied", "mlm"),
-    "attention_impl": ("auto", "xla", "cudnn"),
+    "attention_impl": ("auto", "xla", "cudnn", "chunked"),
     "layer_loop": ("scan", "unroll"),
 }
 # Rematerialisation of the scanned layer: what the backward pass keeps from the forward
@@ -67,8 +68,9 @@ class ModelConfig:
   rope_fp32: rotate q/k in float32 (LLaDA) or in the compute dtype (Dream).
   dtype / param_dtype: compute and storage dtypes; norm statistics, attention softmax
     and RoPE tables are always float32.
-  attention_impl: "auto" (cuDNN flash attention on GPU for unmasked 16-bit attention,
-    XLA otherwise), "xla" or "cudnn".
+  attention_impl: "auto" (cuDNN flash attention on GPU for unmasked 16-bit attention;
+    on a one-device CPU run, "chunked" once a batch's scores outgrow the caches; XLA
+    otherwise), "xla", "cudnn" or "chunked" (`batch_chunked_attention`).
   copy_head: the output distribution copies tokens of the input instead of projecting on the
     vocabulary (an extractive reader; see `copy_logits`): a token's logit is the log-sum-exp
     of attention scores to the context positions holding it, EOS keeps the vocabulary head's.
@@ -281,17 +283,86 @@ def apply_rope(u: Array, cos: Array, sin: Array, fp32: bool) -> Array:
   return out.astype(dtype)
 
 
-def _attention_impl(cfg: ModelConfig, q: Array, mask) -> str | None:
+# Bytes of float32 attention scores [c, heads, L, Lk] per chunk of `batch_chunked_attention`:
+# about half this machine's last-level cache (32 MiB on the 2-core CI machine). XLA's CPU
+# attention runs several times slower once a batch's scores outgrow the caches: MiniLM shape
+# (12 heads x 32), 64 x 256 tokens: 0.21 s per layer's attention in one piece, 0.058 s in chunks
+# of 2; forward and backward 0.52 -> 0.28 s (measured 2026-12-05, `make bench --only encode`).
+CPU_ATTENTION_CHUNK_BYTES = 8 << 20
+
+
+def attention_batch_chunk(batch: int, heads: int, length: int, keys: int, budget: int | None = None) -> int:
+  """The largest divisor c of `batch` whose float32 scores [c, heads, length, keys] fit in
+  `budget` bytes (default `CPU_ATTENTION_CHUNK_BYTES`; 1 when even one sequence's do not)."""
+  budget = CPU_ATTENTION_CHUNK_BYTES if budget is None else budget
+  per_row = heads * length * keys * 4
+  c = max(1, min(batch, budget // max(per_row, 1)))
+  while batch % c:
+    c -= 1
+  return c
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def batch_chunked_attention(q: Array, k: Array, v: Array, mask, scale: float, is_causal: bool,
+                            chunk: int) -> Array:
+  """`jax.nn.dot_product_attention` (XLA) over chunks of `chunk` sequences, one after another.
+
+  q: [B, L, N, hd]; k, v: [B, Lk, K, hd]; mask: [B, 1, L, Lk] bool or None -> [B, L, N, hd].
+  The same arithmetic per sequence as one call over the batch (outputs bit-identical in our
+  measurements, gradients within float32 rounding: tested), but only a chunk's scores
+  [chunk, N, L, Lk] live at once, so they stay in cache.
+  The backward pass recomputes each chunk's attention and takes its vector-Jacobian product
+  (nothing of size [B, N, L, Lk] is kept between the passes).
+  """
+  return _chunked_attention_fwd(q, k, v, mask, scale, is_causal, chunk)[0]
+
+
+def _chunks(x, chunk):
+  return None if x is None else x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:])
+
+
+def _attend(q, k, v, mask, scale, is_causal):
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation="xla")
+
+
+def _chunked_attention_fwd(q, k, v, mask, scale, is_causal, chunk):
+  out = jax.lax.map(lambda a: _attend(*a, scale, is_causal),
+                    (_chunks(q, chunk), _chunks(k, chunk), _chunks(v, chunk), _chunks(mask, chunk)))
+  return out.reshape(q.shape), (q, k, v, mask)
+
+
+def _chunked_attention_bwd(scale, is_causal, chunk, res, g):
+  q, k, v, mask = res
+
+  def one(a):
+    qc, kc, vc, mc, gc = a
+    _, vjp = jax.vjp(lambda x, y, z: _attend(x, y, z, mc, scale, is_causal), qc, kc, vc)
+    return vjp(gc)
+
+  grads = jax.lax.map(one, (_chunks(q, chunk), _chunks(k, chunk), _chunks(v, chunk), _chunks(mask, chunk),
+                            _chunks(g, chunk)))
+  dq, dk, dv = (d.reshape(x.shape) for d, x in zip(grads, (q, k, v)))
+  return dq, dk, dv, None
+
+
+batch_chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
+
+
+def _attention_impl(cfg: ModelConfig, q: Array, k: Array, mask) -> str | None:
   """"cudnn" (fused flash attention) on GPU for 16-bit unmasked attention when
   attention_impl="auto" (on an H200, LLaDA-8B shape, batch 8 x 512: 96 -> 83 ms per forward);
-  XLA's implementation otherwise."""
-  if cfg.attention_impl == "xla":
-    return "xla"
-  if cfg.attention_impl == "cudnn":
-    return "cudnn"
+  "chunked" on CPU when the batch's scores exceed `CPU_ATTENTION_CHUNK_BYTES` and no mesh of
+  more than one device is active (chunks of a sharded batch would gather it); XLA's
+  implementation otherwise."""
+  if cfg.attention_impl in ("xla", "cudnn", "chunked"):
+    return cfg.attention_impl
   if (jax.default_backend() == "gpu" and mask is None and q.dtype in (jnp.bfloat16, jnp.float16)
       and q.shape[-1] <= 128):
     return "cudnn"
+  if jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().size <= 1:
+    b, l, n, _ = q.shape
+    if attention_batch_chunk(b, n, l, k.shape[1]) < b:
+      return "chunked"
   return None
 
 
@@ -335,8 +406,13 @@ class Attention(nn.Module):
       values = jnp.concatenate([cache[1].astype(v.dtype), v], axis=1)
     # with a cache, causality comes from the mask (jax's is_causal aligns the window's first
     # query with the first cached key)
-    out = jax.nn.dot_product_attention(q, keys, values, mask=mask, is_causal=cfg.causal and cache is None,
-                                       scale=cfg.head_dim ** -0.5, implementation=_attention_impl(cfg, q, mask))
+    impl, causal, scale = _attention_impl(cfg, q, keys, mask), cfg.causal and cache is None, cfg.head_dim ** -0.5
+    if impl == "chunked":
+      chunk = attention_batch_chunk(q.shape[0], q.shape[2], q.shape[1], keys.shape[1])
+      out = batch_chunked_attention(q, keys, values, mask, scale, causal, chunk)
+    else:
+      out = jax.nn.dot_product_attention(q, keys, values, mask=mask, is_causal=causal, scale=scale,
+                                         implementation=impl)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     return _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), cfg.out_bias, "o", n_in=2)(out), (k, v)
 

@@ -125,10 +125,16 @@ def test_hybrid_retriever_fuses_bm25_and_dense(tmp_path):
     P.retrieve(P.RagConfig(retrieval=P.RetrievalSpec(retriever="splade")), [], corpus)
 
 
-def test_minilm_embeddings_match_sentence_transformers_recipe():
-  """Mean pooling of BertModel's last hidden state over real tokens, L2-normalised (PyTorch)."""
+@pytest.mark.parametrize("tokens_per_pass", [None, 32])
+def test_minilm_embeddings_match_sentence_transformers_recipe(monkeypatch, tokens_per_pass):
+  """Mean pooling of BertModel's last hidden state over real tokens, L2-normalised (PyTorch),
+  whether a batch runs in one pass or in sub-batches of one sequence (32 tokens per pass)."""
   import torch
   from transformers import BertModel
+  from diffrag.retrieval import dense
+  if tokens_per_pass:
+    monkeypatch.setattr(dense, "ENCODE_TOKENS_PER_PASS", tokens_per_pass)
+    assert dense.sub_batch(4, 32) == 1
   texts = ["a short one", "a somewhat longer sentence about rivers and seas"]
   ours = MiniLMEncoder(batch_size=4).encode(texts)
   tok = load_tokenizer(minilm_path())
@@ -139,6 +145,12 @@ def test_minilm_embeddings_match_sentence_transformers_recipe():
   m = enc["attention_mask"][..., None].float()
   ref = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).numpy()
   assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_encode_sub_batches_divide_the_batch():
+  from diffrag.retrieval.dense import sub_batch
+  assert sub_batch(64, 256) == 4 and sub_batch(64, 32) == 32 and sub_batch(64, 96) == 8
+  assert sub_batch(6, 256) == 3 and sub_batch(7, 256) == 1 and sub_batch(64, 4096) == 1
 
 
 def test_corpus_and_query_errors():

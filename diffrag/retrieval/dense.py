@@ -28,6 +28,24 @@ def mean_pool(hidden, mask):
   return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
+# Tokens per forward pass when encoding: a batch of 64 x 256 tokens runs faster as 16 passes
+# of 4 sequences, one after another, whose activations stay in the CPU's caches (MiniLM on 2
+# cores: 40 -> 52 docs/s at 256 tokens; batches of 2-8 are within 5%; PyTorch BertModel is at
+# 28-32 docs/s for every batch from 2 to 64; measured 2026-12-05). The encoder's batch_size
+# still sets how many texts are tokenised, padded and sent to the device at once.
+ENCODE_TOKENS_PER_PASS = 1024
+
+
+def sub_batch(batch: int, length: int, tokens: int | None = None) -> int:
+  """The largest divisor of `batch` with at most `tokens` (default `ENCODE_TOKENS_PER_PASS`)
+  tokens of `length` each (at least 1)."""
+  tokens = ENCODE_TOKENS_PER_PASS if tokens is None else tokens
+  sub = max(1, min(batch, tokens // max(length, 1)))
+  while batch % sub:
+    sub -= 1
+  return sub
+
+
 class MiniLMEncoder:
   """Texts -> [N, 384] unit vectors with the real all-MiniLM-L6-v2 weights (or any BERT checkpoint)."""
 
@@ -42,8 +60,15 @@ class MiniLMEncoder:
 
   @staticmethod
   def _forward(model, params, ids, mask):
-    _, hidden = model.apply({"params": params}, ids, attention_mask=mask, return_hidden=True)
-    return mean_pool(hidden.astype(jnp.float32), mask)
+    """ids, mask: [B, L] -> [B, D], the model run on sub-batches of `sub_batch(B, L)` sequences."""
+    (b, length), sub = ids.shape, sub_batch(*ids.shape)
+
+    def embed(rows):
+      _, hidden = model.apply({"params": params}, rows[0], attention_mask=rows[1], return_hidden=True)
+      return mean_pool(hidden.astype(jnp.float32), rows[1])
+
+    out = jax.lax.map(embed, (ids.reshape(b // sub, sub, length), mask.reshape(b // sub, sub, length)))
+    return out.reshape(b, out.shape[-1])
 
   def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
     """[N, D] float32 unit vectors. Texts longer than max_length tokens are cut (as sentence-transformers)."""

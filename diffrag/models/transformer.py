@@ -295,11 +295,15 @@ def attention_batch_chunk(batch: int, heads: int, length: int, keys: int, budget
   """The largest divisor c of `batch` whose float32 scores [c, heads, length, keys] fit in
   `budget` bytes (default `CPU_ATTENTION_CHUNK_BYTES`; 1 when even one sequence's do not)."""
   budget = CPU_ATTENTION_CHUNK_BYTES if budget is None else budget
-  per_row = heads * length * keys * 4
-  c = max(1, min(batch, budget // max(per_row, 1)))
-  while batch % c:
-    c -= 1
-  return c
+  return largest_divisor(batch, budget // max(heads * length * keys * 4, 1))
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+  """The largest divisor of n that is <= at_most (1 if at_most < 1)."""
+  d = max(1, min(n, at_most))
+  while n % d:
+    d -= 1
+  return d
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

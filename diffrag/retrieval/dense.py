@@ -39,11 +39,9 @@ ENCODE_TOKENS_PER_PASS = 1024
 def sub_batch(batch: int, length: int, tokens: int | None = None) -> int:
   """The largest divisor of `batch` with at most `tokens` (default `ENCODE_TOKENS_PER_PASS`)
   tokens of `length` each (at least 1)."""
+  from diffrag.models.transformer import largest_divisor  # pylint: disable=import-outside-toplevel
   tokens = ENCODE_TOKENS_PER_PASS if tokens is None else tokens
-  sub = max(1, min(batch, tokens // max(length, 1)))
-  while batch % sub:
-    sub -= 1
-  return sub
+  return largest_divisor(batch, tokens // max(length, 1))
 
 
 class MiniLMEncoder:

@@ -284,10 +284,11 @@ def apply_rope(u: Array, cos: Array, sin: Array, fp32: bool) -> Array:
 
 
 # Bytes of float32 attention scores [c, heads, L, Lk] per chunk of `batch_chunked_attention`:
-# about half this machine's last-level cache (32 MiB on the 2-core CI machine). XLA's CPU
-# attention runs several times slower once a batch's scores outgrow the caches: MiniLM shape
-# (12 heads x 32), 64 x 256 tokens: 0.21 s per layer's attention in one piece, 0.058 s in chunks
-# of 2; forward and backward 0.52 -> 0.28 s (measured 2026-12-05, `make bench --only encode`).
+# a quarter of the last-level cache of the 2-core CI machine (32 MiB); chunks of 3-8 MiB were
+# the fastest at every shape tried. XLA's CPU attention runs several times slower once a
+# batch's scores outgrow the caches: MiniLM shape (12 heads x 32), 64 x 256 tokens: 0.21 s per
+# layer's attention in one piece, 0.058 s in chunks of 2; forward and backward 0.52 -> 0.28 s
+# (measured alone on 2 cores, 2026-12-05; `make bench --only encode` shows the whole forward).
 CPU_ATTENTION_CHUNK_BYTES = 8 << 20
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from diffrag.experiment import stats
-from diffrag.experiment.provenance import canonical, fingerprint, write_manifest
+from diffrag.experiment.provenance import canonical, code_version, fingerprint, source_fingerprint, write_manifest
 from diffrag.experiment.store import ArtefactStore
 from diffrag.experiment.timing import Stopwatch, count_compiles
 
@@ -42,6 +42,46 @@ def test_store_reuses_only_on_an_exact_match(tmp_path):
     assert key
   unfinished = store.get("reader", {**spec, "init": "bert"})
   assert "resuming the unfinished build" in logs[-1] and not unfinished.done
+
+
+def test_source_fingerprint_sees_code_not_comments_or_docstrings(tmp_path):
+  f = tmp_path / "m.py"
+
+  def fp(src):
+    f.write_text(src)
+    return source_fingerprint([f], tmp_path)
+
+  base = fp('"""Module doc."""\n\ndef f(x):\n  """Doc."""\n  return x * 2  # twice\n')
+  assert base == fp('"""Another doc."""\n\n\ndef f(x):\n  """Other doc,\n  two lines."""\n\n  return x*2\n')
+  assert base == fp('def f(x):\n  return x * 2\n')
+  assert base != fp('def f(x):\n  return x * 3\n')  # what runs
+  assert base != fp('def f(x):\n  """Doc."""\n  y = 1\n  return x * 2\n')
+  g = tmp_path / "g.py"
+  g.write_text("")
+  assert base != source_fingerprint([f, g], tmp_path)  # another file
+  v = code_version()
+  assert v["modules"][0] == "diffrag.models" and len(v["source"]) == 16 and v["packages"]["jax"] and v["backend"]
+  assert code_version(("diffrag.models",))["source"] != v["source"]
+  with pytest.raises(ValueError, match="no diffrag module 'diffrag.nothing'"):
+    code_version(("diffrag.nothing",))
+
+
+def test_store_retrains_when_the_code_that_builds_it_changes(tmp_path, monkeypatch):
+  from diffrag.experiment import store as store_lib
+  logs = []
+  store = ArtefactStore(tmp_path, log=logs.append)
+  spec = {"init": "minilm", "train": {"steps": 10}}
+  art = store.get("reader", spec)
+  assert json.loads((art.path / "spec.json").read_text())["code"] == canonical(code_version())
+  store.finish(art, {"steps": 10})
+  assert store.get("reader", spec).done  # same code: reused
+  edited = {**code_version(), "source": "0" * 16}  # as after an edit to the training code
+  monkeypatch.setattr(store_lib, "code_version", lambda modules: edited)
+  new = store.get("reader", spec)
+  assert new.path != art.path and not new.done
+  assert "code.source" in logs[-1] and "only the code that builds it" in logs[-1]
+  with pytest.raises(ValueError, match="'code' field is the store's own"):
+    store.get("reader", {**spec, "code": "mine"})
 
 
 def test_manifest_records_provenance(tmp_path):
@@ -181,3 +221,22 @@ def test_every_shipped_config_loads():
   for f in files:
     cls = RagConfig if f.name.startswith("rag_") else GRConfig if f.name.startswith("gr_") else TrainConfig
     config_lib.load(cls, f)
+
+
+def test_intervals_over_training_runs():
+  mean, lo, hi = stats.t_interval([1.0, 2.0, 3.0])
+  assert mean == 2.0 and np.isclose(hi - mean, 4.302653 / np.sqrt(3))  # t_{2, 0.975} * sd / sqrt(S)
+  with pytest.raises(ValueError, match="at least 2 runs"):
+    stats.t_interval([1.0])
+  rng = np.random.default_rng(0)
+  items = rng.normal(50, 20, 300)
+  same_runs = np.tile(items, (4, 1))  # training runs that agree: only the questions vary
+  m, lo, hi = stats.crossed_bootstrap_ci(same_runs)
+  m1, lo1, hi1 = stats.bootstrap_ci(items)
+  assert np.isclose(m, m1) and abs((hi - lo) - (hi1 - lo1)) < 0.1 * (hi1 - lo1)
+  offsets = np.array([-6.0, -2.0, 2.0, 6.0])[:, None]  # runs far apart: the interval must widen with them
+  m2, lo2, hi2 = stats.crossed_bootstrap_ci(same_runs + offsets)
+  assert np.isclose(m2, m) and hi2 - lo2 > 2 * (hi - lo)
+  assert stats.crossed_bootstrap_ci(same_runs + offsets) == (m2, lo2, hi2)  # seeded
+  with pytest.raises(ValueError, match=r"\[runs, items\]"):
+    stats.crossed_bootstrap_ci(items)

@@ -677,3 +677,7 @@ def test_out_dir_written_before_a_setting_existed_resumes_only_at_its_default(tm
   with pytest.raises(ValueError, match=r"\(1 field\(s\) differ: config.retrieval.k: 5 -> 1\)"):
     claim_out_dir(tmp_path, prediction_spec(k1, infos), defaults=defaults)
   assert json.loads((tmp_path / "predictions.spec.json").read_text()) == written  # never rewritten
+  del written["code"]  # predictions written before the code was recorded are another code's
+  (tmp_path / "predictions.spec.json").write_text(json.dumps(written))
+  with pytest.raises(ValueError, match=r"differ: code\.\w+: '<absent>' -> "):
+    claim_out_dir(tmp_path, prediction_spec(RagConfig(), infos), defaults=defaults)

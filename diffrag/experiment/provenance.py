@@ -12,8 +12,10 @@ versions, the device kind, seeds, wall times and the trained artefacts used.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -85,6 +87,56 @@ def file_fingerprint(path: str | os.PathLike) -> dict:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": h.hexdigest()[:16]}
+
+
+# what the code that trains an artefact is: these modules' source and the numerical libraries
+TRAINING_CODE = ("diffrag.models", "diffrag.train", "diffrag.diffusion", "diffrag.data", "diffrag.parallel")
+NUMERIC_PACKAGES = ("jax", "jaxlib", "flax", "optax")
+
+
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+  for node in ast.walk(tree):
+    body = getattr(node, "body", None)
+    if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+        and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)):
+      node.body = body[1:] or [ast.Pass()]
+  return tree
+
+
+def source_fingerprint(files: list[Path], root: Path) -> str:
+  """sha256 over each file's path under `root` and its syntax tree less docstrings: comments,
+  docstrings, blank lines and formatting do not change it; any change to what runs does."""
+  h = hashlib.sha256()
+  for f in sorted(files):
+    tree = _without_docstrings(ast.parse(f.read_text(), filename=str(f)))
+    h.update(f"{f.relative_to(root).as_posix()}\n{ast.dump(tree)}\n".encode())
+  return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(modules: tuple[str, ...] = TRAINING_CODE) -> dict:
+  """What the code that makes an artefact or a prediction is: a `source_fingerprint` of the
+  named diffrag modules (packages recursively, or single modules), the versions of the
+  numerical libraries and the jax backend. Part of every artefact key, so a model trained
+  before a change to that code (even one at the level of float rounding, which moves a
+  training run as far as another seed does) is never reused as if the new code had made it."""
+  import jax  # pylint: disable=import-outside-toplevel
+  root = Path(__file__).resolve().parents[2]
+  files = []
+  for name in modules:
+    if not name.startswith("diffrag"):
+      raise ValueError(f"code_version covers diffrag's own modules; got {name!r}")
+    path = root.joinpath(*name.split("."))
+    if path.is_dir():
+      files += path.rglob("*.py")
+    elif path.with_suffix(".py").exists():
+      files.append(path.with_suffix(".py"))
+    else:
+      raise ValueError(f"no diffrag module {name!r} (looked for {path}/ and {path}.py)")
+  versions = package_versions()
+  return {"modules": list(modules), "source": source_fingerprint(files, root),
+          "packages": {k: versions.get(k) for k in NUMERIC_PACKAGES}, "backend": jax.default_backend()}
 
 
 def git_state(root: str | os.PathLike | None = None) -> dict:

@@ -12,6 +12,16 @@ paired: d_i = treatment_i - control_i.
 
 `compare` returns both with n; a difference whose interval contains 0 is not significant.
 Everything is seeded: the same inputs give the same interval and p-value.
+
+These intervals cover the questions, for one trained model. Training is random too (the
+seed, and float rounding, move a reader's F1 by several points), so runs over S training
+seeds are summarised by
+
+    t interval over runs:  m_s = mean_q x[s, q];  mean(m) +- t_{S-1, 0.975} sd(m) / sqrt(S)
+    crossed bootstrap:     resample S runs and Q questions with replacement, independently
+                           (Owen's 2007 "pigeonhole" bootstrap of a crossed design); the
+                           percentiles of mean(x[s*][:, q*]) give an interval that covers
+                           both the training runs and the questions.
 """
 
 from __future__ import annotations
@@ -89,3 +99,35 @@ def fmt_diff(c: dict, scale: float = 1.0, digits: int = 2) -> str:
 
 def fmt_p(p: float) -> str:
   return "" if not np.isfinite(p) else (f"{p:.4f}" if p >= 1e-4 else "<1e-4")
+
+
+def t_interval(x, *, level: float = 0.95):
+  """(mean, lo, hi): Student-t interval of the mean of x [S] (one value per independent run):
+  mean +- t_{S-1, (1 + level) / 2} * sd(x, ddof=1) / sqrt(S). Needs S >= 2."""
+  from scipy import stats as sps  # pylint: disable=import-outside-toplevel
+  x = _as_1d(x, "x")
+  if x.size < 2:
+    raise ValueError(f"an interval over runs needs at least 2 runs (seeds); got {x.size}")
+  half = float(sps.t.ppf((1 + level) / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+  return float(x.mean()), float(x.mean()) - half, float(x.mean()) + half
+
+
+def crossed_bootstrap_ci(x, *, n_boot: int = N_BOOT, level: float = 0.95, seed: int = 0, chunk: int = 1000):
+  """(mean, lo, hi) of the grand mean of x [S runs, Q items] with runs and items both resampled:
+  each draw takes S runs and Q items with replacement, independently, and the mean of that
+  sub-table, sum_{s,q} a_s x[s, q] b_q / (S Q) with multinomial counts a, b (Owen 2007)."""
+  x = np.asarray(x, np.float64)
+  if x.ndim != 2 or 0 in x.shape:
+    raise ValueError(f"x must be [runs, items] with both > 0; got shape {x.shape}")
+  _as_1d(x, "x")
+  n_runs, n_items = x.shape
+  rng = np.random.default_rng(seed)
+  means = []
+  for start in range(0, n_boot, chunk):
+    b = min(chunk, n_boot - start)
+    a = rng.multinomial(n_runs, np.full(n_runs, 1 / n_runs), b)   # [b, S] counts
+    w = rng.multinomial(n_items, np.full(n_items, 1 / n_items), b)  # [b, Q] counts
+    means.append(np.einsum("bs,sq,bq->b", a, x, w) / (n_runs * n_items))
+  means = np.concatenate(means)
+  q = (1 - level) / 2
+  return float(x.mean()), float(np.quantile(means, q)), float(np.quantile(means, 1 - q))

@@ -8,8 +8,9 @@
     model, params = load_model(art.path / "model")
 
 A spec names everything that determines the artefact (init, data fingerprints and split,
-DocID spec, training spec, tokenizer); `<root>/<kind>-<fingerprint(spec)>/` holds it, with
-`spec.json` beside it. An artefact is reused only when the whole spec matches, and `get`
+DocID spec, training spec, tokenizer); the store adds the version of the code that builds it
+(`provenance.code_version`); `<root>/<kind>-<fingerprint(spec)>/` holds it, with `spec.json`
+beside it. An artefact is reused only when the whole spec matches, and `get`
 says which happened; when it does not match, the message names the fields that differ
 from the closest artefact of the same kind, so a user sees why a new one is trained.
 """
@@ -23,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from diffrag.experiment.provenance import canonical, fingerprint, write_json_atomic
+from diffrag.experiment.provenance import TRAINING_CODE, canonical, code_version, fingerprint, write_json_atomic
 
 DONE = "DONE.json"
 SPEC = "spec.json"
@@ -72,11 +73,17 @@ class ArtefactStore:
     self.root = Path(root).resolve()
     self.log = log
 
-  def get(self, kind: str, spec: dict) -> Artefact:
-    """The artefact for `spec` (created empty if new); logs whether it is reused, resumed or new."""
+  def get(self, kind: str, spec: dict, code: tuple[str, ...] = TRAINING_CODE) -> Artefact:
+    """The artefact for `spec` (created empty if new); logs whether it is reused, resumed or new.
+
+    The key also covers `code_version(code)`: the source of the diffrag modules that build the
+    artefact (by default the model, training, diffusion, data and sharding code), the numerical
+    libraries' versions and the backend, so a change to any of them trains a new one."""
     if not kind.replace("_", "").isalnum():
       raise ValueError(f"artefact kind {kind!r} must be alphanumeric (underscores allowed)")
-    spec = canonical(spec)
+    if "code" in spec:
+      raise ValueError("an artefact spec's 'code' field is the store's own (code_version); rename that field")
+    spec = canonical({**spec, "code": code_version(tuple(code))})
     key = fingerprint(spec)
     path = self.root / f"{kind}-{key}"
     art = Artefact(kind, key, path, spec)
@@ -93,7 +100,10 @@ class ArtefactStore:
         self.log(f"{kind} {key}: resuming the unfinished build in {path}")
       return art
     closest = self._closest(kind, spec)
-    why = f"; the closest existing {kind} differs in {closest}" if closest else ""
+    why = f"; the closest existing {kind} differs in {closest[:6]}" if closest else ""
+    if closest and all(d.startswith("code.") for d in closest):
+      why += (" (only the code that builds it, its libraries or the backend differ: a model another version of "
+              "the code trained is not reused; check out the commit that built it to reuse it)")
     self.log(f"{kind} {key}: no artefact with this spec, building it in {path}{why}")
     path.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path / SPEC, spec, indent=2, sort_keys=True)
@@ -114,4 +124,4 @@ class ArtefactStore:
       diff = spec_diff(other, spec)
       if best is None or len(diff) < len(best):
         best = diff
-    return (best or [])[:6]
+    return best or []

@@ -295,7 +295,7 @@ def _docid_table(cfg: GRConfig, corpus, tok, model, params, dense, store: Artefa
   vocab = model.config.vocab_size
   art = store.get("rq_docids", {"embeddings": array_digest(dense.embeddings), "ids": fingerprint(list(corpus.ids)),
                                 "levels": cfg.docids.levels, "codes": cfg.docids.codes, "seed": cfg.docids.seed,
-                                "base_token": vocab})
+                                "base_token": vocab}, code=("diffrag.gr.docids",))
   reused = art.done
   if reused:
     saved = np.load(art.path / "codes.npz")

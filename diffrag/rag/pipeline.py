@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffrag.experiment import stats
-from diffrag.experiment.provenance import (array_digest, canonical, file_fingerprint, write_json_atomic,
-                                           write_manifest)
+from diffrag.experiment.provenance import (array_digest, canonical, code_version, file_fingerprint,
+                                           write_json_atomic, write_manifest)
 from diffrag.experiment.store import ArtefactStore, spec_diff
 from diffrag.experiment.timing import Stopwatch
 from diffrag.rag import metrics as M
@@ -556,16 +556,22 @@ _ADDS_OR_PLACES = (("data", "limit"), ("data", "also"), ("data", "cache_dir"), (
                    ("generation", "span_decoding"), ("generation", "span_first_tokens"))
 
 
+# the code a prediction is computed by (the reader's own training code is in its artefact key)
+PREDICTION_CODE = ("diffrag.models", "diffrag.sampling", "diffrag.rag", "diffrag.retrieval", "diffrag.data")
+
+
 def prediction_spec(cfg: RagConfig, infos: dict) -> dict:
   """What a stored prediction depends on: the config (less `_ADDS_OR_PLACES` and out_dir), the
-  reader's training recipe and the fingerprints of every data file read (`infos`: name -> info)."""
+  reader's training recipe, the fingerprints of every data file read (`infos`: name -> info)
+  and the version of the code that computes predictions (`code_version(PREDICTION_CODE)`)."""
   d = dataclasses.asdict(cfg)
   d.pop("out_dir")
   for section, key in _ADDS_OR_PLACES:
     d[section].pop(key)
   files = {name: {k: (info.get("file_fingerprint") or {}).get(k) for k in ("bytes", "sha256")}  # content, not place
            for name, info in sorted(infos.items())}
-  return canonical({"config": d, "reader_recipe": RECIPE, "data_files": files})
+  return canonical({"config": d, "reader_recipe": RECIPE, "data_files": files,
+                    "code": code_version(PREDICTION_CODE)})
 
 
 def _less_new_defaults(old, new, default):
@@ -585,6 +591,8 @@ def claim_out_dir(out: Path, spec: dict, defaults: dict | None = None) -> None:
   the stored spec lacks matches when it is at its value in `defaults` (the spec of the default
   config): added to diffrag since, it cannot have changed those predictions."""
   path, preds = out / PREDICTION_SPEC, out / "predictions.jsonl"
+  # the code is no setting: predictions written before it was recorded are another code's
+  defaults = {k: v for k, v in (defaults or {}).items() if k != "code"}
   if preds.exists() and preds.stat().st_size:
     if not path.exists():
       raise ValueError(f"{preds} was written by a run that did not record what its predictions depend on (an "

@@ -197,6 +197,41 @@ def test_compare_pairs_two_runs_on_their_shared_items(tmp_path, capsys):
   assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2  # one clear line, no traceback
 
 
+def test_summarize_seeds_intervals_over_training_runs(tmp_path):
+  from diffrag.experiment.compare import summarize_seeds
+
+  def run(folder, seed, extra=()):
+    rows = [("baseline", f"q{k}", f"gold {k}", f"gold {k}" if k < 10 + 5 * seed else "other")
+            for k in range(30)]
+    rows += [("spread_a1", f"q{k}", f"gold {k}", f"gold {k}" if k < 15 + 5 * seed else "other")
+             for k in range(30)]
+    _rag_run(folder, rows + list(extra))
+    return folder
+
+  control = [run(tmp_path / f"c{s}", s, [("baseline", "only_here", "x", "x")] if s == 0 else ()) for s in range(3)]
+  treatment = [run(tmp_path / f"t{s}", s) for s in range(3)]
+  levels, diffs = summarize_seeds({"control": control, "treatment": treatment}, metrics=["em"],
+                                  reference="baseline")
+  base = next(r for r in levels if r["arm"] == "control" and r["group"] == "squad_v1:dev/baseline")
+  assert base["n"] == 30 and base["seeds"] == 3  # the question only seed 0 has is left out
+  assert base["per_seed"] == "33.33 / 50.00 / 66.67" and base["mean"] == 50.0 and base["sd_seeds"] == 16.67
+  half = 4.302653 * 16.6667 / np.sqrt(3)  # t_{2, 0.975} sd / sqrt(3)
+  assert base["t_ci_seeds"] == f"50.00 [{50 - half:.2f}, {50 + half:.2f}]"
+  lo, hi = (float(v) for v in base["crossed_ci"].split("[")[1].rstrip("]").split(", "))
+  assert lo < 50 < hi and base["q_ci_halfwidth"] > 10
+  gain = next(r for r in diffs if r["difference"] == "squad_v1:dev/spread_a1 - squad_v1:dev/baseline"
+              and r["arm"] == "control")
+  assert gain["per_seed"] == "16.67 / 16.67 / 16.67" and gain["sd_seeds"] == 0.0 and gain["significant"]
+  arms = next(r for r in diffs if r["difference"] == "squad_v1:dev/baseline: treatment - control")
+  assert arms["mean"] == 0.0 and not arms["significant"]
+  with pytest.raises(ValueError, match="same number"):
+    summarize_seeds({"control": control, "treatment": treatment[:2]})
+  with pytest.raises(ValueError, match=r"\(>= 2\) of seeds"):
+    summarize_seeds({"control": control[:1]})
+  with pytest.raises(ValueError, match="not in every run"):
+    summarize_seeds({"control": control}, groups=["squad_v1:dev/spread_a9"])
+
+
 def test_randomization_test_agrees_with_ranx_fisher():
   """Our sign-flip test is the test ranx.compare runs (Fisher's randomization): same p within MC error."""
   from ranx.statistical_tests import fisher_randomization_test

@@ -681,3 +681,27 @@ def test_out_dir_written_before_a_setting_existed_resumes_only_at_its_default(tm
   (tmp_path / "predictions.spec.json").write_text(json.dumps(written))
   with pytest.raises(ValueError, match=r"differ: code\.\w+: '<absent>' -> "):
     claim_out_dir(tmp_path, prediction_spec(RagConfig(), infos), defaults=defaults)
+
+
+@pytest.mark.slow  # two tiny trainings and evaluations; summarize_seeds has its fast test in test_experiment.py
+def test_seed_sweep_trains_one_reader_per_seed(tmp_path, monkeypatch):
+  import importlib.util
+  import sys
+  from pathlib import Path
+  spec = importlib.util.spec_from_file_location("seed_sweep", Path(__file__).parents[1] / "experiments" / "seed_sweep.py")
+  sweep = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep)
+  _squad_files(tmp_path / "data")
+  over = [o for o in _rag_overrides(tmp_path) if not o.startswith("out_dir=")]
+  monkeypatch.setattr(sys, "argv", ["seed_sweep.py", "--config", "configs/rag_minilm_squad.yaml", "--seeds", "0", "1",
+                                    "--out", str(tmp_path / "seeds"), "--name", "tiny", "data.also=[]",
+                                    "generation.span_decoding=false", "generation.span_first_tokens=0"] + over)
+  sweep.main()
+  out = tmp_path / "seeds" / "tiny"
+  keys = {json.loads((out / "control" / f"seed_{s}" / "manifest.json").read_text())["artefacts"][0]["key"]
+          for s in (0, 1)}
+  assert len(keys) == 2  # each seed trains its own reader
+  table = (out / "seeds.md").read_text()
+  assert "squad_v1:dev/baseline" in table and "t_ci_seeds" in table and "crossed_ci" in table
+  assert "squad_v1:dev/spread_a0.5 - squad_v1:dev/baseline" in (out / "seed_diffs.md").read_text()
+  assert (out / "seeds.png").exists() and (out / "manifest.json").exists()

@@ -31,10 +31,11 @@ BENCH_LLADA = dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, 
                    mlp_dim=688, mask_token_id=8191)
 
 
-def _jax_train_tokens_per_s(model, params, batch, steps, loss_window=None, batches=None, loss_tokens=0):
-  """Tokens/s of the jitted train step (every batch's tokens, padding included) and compile s."""
+def _jax_train_runner(model, params, batch, loss_window=None, batches=None, loss_tokens=0):
+  """(run, compile s): run(steps) trains `steps` more jitted steps (cycling through `batches`) and
+  returns their tokens/s (every batch's tokens, padding included); compilation is done here."""
   cfg = TrainConfig(optim=OptimConfig(lr=1e-4, warmup_steps=1),
-                    train=LoopSpec(steps=steps + 2, loss_window=loss_window, loss_tokens=loss_tokens),
+                    train=LoopSpec(steps=10_000, loss_window=loss_window, loss_tokens=loss_tokens),
                     mesh=MeshSpec(1, 1, 1))
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, 1))
   batches = batches or [batch]
@@ -45,20 +46,28 @@ def _jax_train_tokens_per_s(model, params, batch, steps, loss_window=None, batch
     for b in placed:  # every shape compiles here
       state, m = step(state, b, jax.random.key(0))
     jax.block_until_ready(m)
-  keys = [jax.random.key(i + 1) for i in range(steps)]
-  with sw.timed():
-    for i, key in enumerate(keys):
-      state, m = step(state, placed[i % len(placed)], key)
-    jax.block_until_ready((state, m))
-  if sw.timing.compiles_in_timed:
-    raise RuntimeError("the timed training steps compiled: the step must be jitted once per shape")
-  tokens = sum(batches[i % len(batches)]["tokens"].size for i in range(steps))
-  return tokens / sw.timing.seconds, sw.timing.compile_seconds
+  done = [0, state]
+
+  def run(steps: int) -> float:
+    first, state = done
+    keys = [jax.random.key(first + i + 1) for i in range(steps)]
+    sw.timing.seconds = 0.0
+    with sw.timed():
+      for i, key in enumerate(keys):
+        state, m = step(state, placed[(first + i) % len(placed)], key)
+      jax.block_until_ready((state, m))
+    if sw.timing.compiles_in_timed:
+      raise RuntimeError("the timed training steps compiled: the step must be jitted once per shape")
+    done[:] = [first + steps, state]
+    return sum(batches[(first + i) % len(batches)]["tokens"].size for i in range(steps)) / sw.timing.seconds
+
+  return run, sw.timing.compile_seconds
 
 
-def _torch_train_tokens_per_s(torch_model, logits_of, batch, mask_id, steps, window: int = 0):
-  """The same objective in PyTorch: t ~ U, p = (1-eps)t + eps, mask, CE/p at masked, AdamW.
-  window > 0: the loss (and the output layer, via logits_of(x, window)) on the last `window` positions."""
+def _torch_train_runner(torch_model, logits_of, batch, mask_id, window: int = 0):
+  """run(steps) -> tokens/s of the same objective in PyTorch: t ~ U, p = (1-eps)t + eps, mask,
+  CE/p at masked, AdamW. window > 0: the loss (and the output layer, via logits_of(x, window))
+  on the last `window` positions. One warm-up step is taken here."""
   import torch  # pylint: disable=import-outside-toplevel
   opt = torch.optim.AdamW(torch_model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.01)
   x0 = torch.tensor(batch["tokens"], dtype=torch.long)
@@ -80,15 +89,33 @@ def _torch_train_tokens_per_s(torch_model, logits_of, batch, mask_id, steps, win
     opt.step()
 
   one()
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    one()
-  return batch["tokens"].size * steps / (time.perf_counter() - t0)
+
+  def run(steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      one()
+    return batch["tokens"].size * steps / (time.perf_counter() - t0)
+
+  return run
 
 
-def bench_train(out: Path, steps: int = 10) -> list[dict]:
+def _alternating(ours, theirs, rounds: int, steps: int) -> dict:
+  """Rounds of `steps` steps, ours then theirs in each, so a change in the machine's load hits
+  both sides alike: the median tokens/s of each, the median of the per-round ratios and their range."""
+  a, b = [], []
+  for _ in range(rounds):
+    a.append(ours(steps))
+    b.append(theirs(steps))
+  ratios = np.array(a) / np.array(b)
+  return {"jax_tokens_per_s": round(float(np.median(a))), "torch_tokens_per_s": round(float(np.median(b))),
+          "jax_over_torch": round(float(np.median(ratios)), 2),
+          "ratio_range": f"{ratios.min():.2f}-{ratios.max():.2f}", "rounds": f"{rounds} x {steps} steps"}
+
+
+def bench_train(out: Path, steps: int = 8, rounds: int = 5) -> list[dict]:
   """Train-step throughput against PyTorch (same loss, model and AdamW), pretraining (every token
-  maskable) and conditional (a 16-token response window), plus the RAG reader's setting."""
+  maskable) and conditional (a 16-token response window), plus the RAG reader's setting. Each
+  row alternates `rounds` rounds of `steps` steps of ours and PyTorch's (`_alternating`)."""
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import BertForMaskedLM, LlamaConfig, LlamaForCausalLM  # pylint: disable=import-outside-toplevel
   rows = []
@@ -119,13 +146,11 @@ def bench_train(out: Path, steps: int = 10) -> list[dict]:
     for objective, window, loss_tokens in objectives:
       maskable = np.ones((8, 128), bool) if not window else np.arange(128)[None].repeat(8, 0) >= 128 - window
       batch = {"tokens": rng.integers(lo, hi, (8, 128)).astype(np.int32), "maskable": maskable}
-      jax_tps, compile_s = _jax_train_tokens_per_s(model, params, batch, steps,
-                                                   loss_window=[-window, window] if window else None,
-                                                   loss_tokens=loss_tokens)
-      torch_tps = _torch_train_tokens_per_s(torch_model, torch_logits, batch, mask_id, steps, window)
-      rows.append({"model": label, "objective": objective, "batch": "8x128", "jax_tokens_per_s": round(jax_tps),
-                   "torch_tokens_per_s": round(torch_tps), "jax_over_torch": round(jax_tps / torch_tps, 2),
-                   "jax_compile_s": round(compile_s, 1)})
+      ours, compile_s = _jax_train_runner(model, params, batch, loss_window=[-window, window] if window else None,
+                                          loss_tokens=loss_tokens)
+      theirs = _torch_train_runner(torch_model, torch_logits, batch, mask_id, window)
+      rows.append({"model": label, "objective": objective, "batch": "8x128",
+                   **_alternating(ours, theirs, rounds, steps), "jax_compile_s": round(compile_s, 1)})
       print(rows[-1], flush=True)
   rows += _bench_reader_batches(minilm, minilm_params, steps)
   return rows
@@ -145,7 +170,8 @@ def _bench_reader_batches(model, params, steps) -> list[dict]:
     pb = PairBatches(pairs, batch_size=16, seed=0, buckets=buckets, response_len=16, pad_id=0, eos_id=102)
     batches = [pb.batch(i) for i in range(len(pb))]
     real = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
-    tps, compile_s = _jax_train_tokens_per_s(model, params, None, steps * 2, loss_window=window, batches=batches)
+    run, compile_s = _jax_train_runner(model, params, None, loss_window=window, batches=batches)
+    tps = run(steps * 2)
     per_batch = np.mean([b["tokens"].size for b in batches])
     rows.append({"model": "MiniLM reader (SQuAD-like pairs)", "objective": label, "batch": "16 pairs",
                  "jax_tokens_per_s": round(tps), "examples_per_s": round(float(16 * tps / per_batch), 1),

@@ -488,3 +488,24 @@ def test_code_rows_start_learnt_codes_near_their_documents_words():
   assert new_cfg.vocab_size == cfg.vocab_size + 3
   assert np.abs(table_[cfg.vocab_size] - 5.0).max() < 0.1
   np.testing.assert_allclose(table_[cfg.vocab_size + 1], np.asarray(params["embed"]["embedding"]).mean(0), atol=0.1)
+
+
+@pytest.mark.slow  # two tiny trainings; summarize_seeds has its fast test in test_experiment.py
+def test_seed_sweep_of_the_retriever(tmp_path, monkeypatch):
+  import importlib.util
+  import json
+  import sys
+  from pathlib import Path
+  spec = importlib.util.spec_from_file_location("seed_sweep", Path(__file__).parents[1] / "experiments" / "seed_sweep.py")
+  sweep = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep)
+  _beir(tmp_path / "data" / "toy")
+  over = [o for o in _gr_overrides(tmp_path) if not o.startswith("out_dir=")] + ["train.ar_steps=0"]
+  monkeypatch.setattr(sys, "argv", ["seed_sweep.py", "--kind", "gr", "--seeds", "0", "1", "--out",
+                                    str(tmp_path / "seeds"), "--name", "toy", "--metric", "recall@10", "decode.default=one_pass"] + over)
+  sweep.main()
+  out = tmp_path / "seeds" / "toy"
+  keys = {json.loads((out / "control" / f"seed_{s}" / "manifest.json").read_text())["artefacts"][-1]["key"]
+          for s in (0, 1)}
+  assert len(keys) == 2  # each seed trains its own retriever
+  assert "recall@10" in (out / "seeds.md").read_text() and (out / "seeds.png").exists()

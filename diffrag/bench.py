@@ -99,23 +99,27 @@ def _torch_train_runner(torch_model, logits_of, batch, mask_id, window: int = 0)
   return run
 
 
-def _alternating(ours, theirs, rounds: int, steps: int) -> dict:
-  """Rounds of `steps` steps, ours then theirs in each, so a change in the machine's load hits
-  both sides alike: the median tokens/s of each, the median of the per-round ratios and their range."""
-  a, b = [], []
+def _rounds(runs: dict, rounds: int) -> dict:
+  """Calls every run once per round, in order, for `rounds` rounds, so a change in the machine's
+  load hits every side alike; returns {name: np.array([rounds]) of what each call returned}."""
+  out = {name: [] for name in runs}
   for _ in range(rounds):
-    a.append(ours(steps))
-    b.append(theirs(steps))
-  ratios = np.array(a) / np.array(b)
-  return {"jax_tokens_per_s": round(float(np.median(a))), "torch_tokens_per_s": round(float(np.median(b))),
-          "jax_over_torch": round(float(np.median(ratios)), 2),
-          "ratio_range": f"{ratios.min():.2f}-{ratios.max():.2f}", "rounds": f"{rounds} x {steps} steps"}
+    for name, run in runs.items():
+      out[name].append(run())
+  return {name: np.asarray(v, np.float64) for name, v in out.items()}
+
+
+def _ratio(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, str]:
+  """(median of the per-round rate ratios, 'min-max' of them)."""
+  r = ours / theirs
+  return round(float(np.median(r)), 2), f"{r.min():.2f}-{r.max():.2f}"
 
 
 def bench_train(out: Path, steps: int = 8, rounds: int = 5) -> list[dict]:
   """Train-step throughput against PyTorch (same loss, model and AdamW), pretraining (every token
   maskable) and conditional (a 16-token response window), plus the RAG reader's setting. Each
-  row alternates `rounds` rounds of `steps` steps of ours and PyTorch's (`_alternating`)."""
+  row alternates `rounds` rounds of `steps` steps of ours and PyTorch's (`_rounds`): median tokens/s of
+  each, the median per-round ratio and its range."""
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import BertForMaskedLM, LlamaConfig, LlamaForCausalLM  # pylint: disable=import-outside-toplevel
   rows = []
@@ -149,8 +153,12 @@ def bench_train(out: Path, steps: int = 8, rounds: int = 5) -> list[dict]:
       ours, compile_s = _jax_train_runner(model, params, batch, loss_window=[-window, window] if window else None,
                                           loss_tokens=loss_tokens)
       theirs = _torch_train_runner(torch_model, torch_logits, batch, mask_id, window)
+      r = _rounds({"jax": lambda: ours(steps), "torch": lambda: theirs(steps)}, rounds)
+      ratio, spread = _ratio(r["jax"], r["torch"])
       rows.append({"model": label, "objective": objective, "batch": "8x128",
-                   **_alternating(ours, theirs, rounds, steps), "jax_compile_s": round(compile_s, 1)})
+                   "jax_tokens_per_s": round(float(np.median(r["jax"]))),
+                   "torch_tokens_per_s": round(float(np.median(r["torch"]))), "jax_over_torch": ratio,
+                   "ratio_range": spread, "rounds": f"{rounds} x {steps} steps", "jax_compile_s": round(compile_s, 1)})
       print(rows[-1], flush=True)
   rows += _bench_reader_batches(minilm, minilm_params, steps)
   return rows
@@ -284,7 +292,25 @@ def _timed(fn, repeat=3, strict=True):
   return out, sw.timing.compile_seconds, best
 
 
-def bench_sampler(out: Path, prompt_len: int = 32) -> list[dict]:
+def _rate(fn, units: int, strict: bool = True):
+  """A callable that times one call of `fn` (to its outputs being ready) and returns units/s;
+  raises if that call compiled, unless `strict=False`."""
+
+  def run() -> float:
+    lap = Stopwatch()
+    with lap.timed():
+      jax.block_until_ready(fn())
+    if strict and lap.timing.compiles_in_timed:
+      raise RuntimeError("a timed benchmark call compiled: build the function and its static arguments once, "
+                         "outside the timed calls")
+    return units / lap.timing.seconds
+
+  return run
+
+
+def bench_sampler(out: Path, prompt_len: int = 32, rounds: int = 5) -> list[dict]:
+  """Section 1 (batch 1, jit vs PyTorch vs an eager loop): every side is warmed up, then timed in
+  `rounds` alternating rounds (`_rounds`); rates are medians, the ratio the median per-round one."""
   from diffrag.sampling import transforms as T  # pylint: disable=import-outside-toplevel
   from diffrag.sampling.sampler import generate  # pylint: disable=import-outside-toplevel
   rows = []
@@ -297,19 +323,24 @@ def bench_sampler(out: Path, prompt_len: int = 32) -> list[dict]:
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size - 1, (1, prompt_len))
     for gen in (64, 256):
       kw = dict(steps=gen, gen_length=gen, block_length=32)
-      sample, first, jit_s = _timed(lambda: generate(model, params, prompt, llada, jax.random.key(0), **kw))
-      ours = np.asarray(sample.tokens)
-      # every side gets a warm-up run (compilation, allocation), then one timed run
-      eager, _, eager_s = _timed(lambda: _eager_generate(model, params, prompt, mask_id=cfg.mask_token_id, **kw),
-                                 repeat=1, strict=False)
-      ref, _, torch_s = _timed(lambda: _torch_llada_generate(llama, prompt, mask_id=cfg.mask_token_id, **kw),
-                               repeat=1)
+      sides = {"jit": (lambda: generate(model, params, prompt, llada, jax.random.key(0), **kw), True),
+               "torch": (lambda: _torch_llada_generate(llama, prompt, mask_id=cfg.mask_token_id, **kw), True),
+               # the eager per-op loop's ops are cached after its warm-up: its timed calls may not be "compile-free"
+               "eager": (lambda: _eager_generate(model, params, prompt, mask_id=cfg.mask_token_id, **kw), False)}
+      # every side gets a warm-up call (compilation, allocation), then `rounds` timed calls, alternating
+      warm = {name: _timed(fn, repeat=0, strict=strict) for name, (fn, strict) in sides.items()}
+      r = _rounds({name: _rate(fn, gen, strict) for name, (fn, strict) in sides.items()}, rounds)
+      sample, first = warm["jit"][0], warm["jit"][1]
+      ours, ref, eager = np.asarray(sample.tokens), warm["torch"][0], warm["eager"][0]
+      vs_torch, spread = _ratio(r["jit"], r["torch"])
       rows.append({"model": label, "mode": f"LLaDA generate, prompt {prompt_len}, gen {gen}, block 32",
-                   "batch": 1, "tokens_per_s": round(gen / jit_s, 1), "eager_loop_tokens_per_s": round(gen / eager_s, 1),
-                   "torch_tokens_per_s": round(gen / torch_s, 1), "speedup_vs_eager": round(eager_s / jit_s, 2),
-                   "speedup_vs_torch": round(torch_s / jit_s, 2), "forward_passes": int(sample.num_forward),
+                   "batch": 1, "tokens_per_s": round(float(np.median(r["jit"])), 1),
+                   "eager_loop_tokens_per_s": round(float(np.median(r["eager"])), 1),
+                   "torch_tokens_per_s": round(float(np.median(r["torch"])), 1),
+                   "speedup_vs_eager": _ratio(r["jit"], r["eager"])[0], "speedup_vs_torch": vs_torch,
+                   "speedup_vs_torch_range": spread, "rounds": rounds, "forward_passes": int(sample.num_forward),
                    "same_tokens_as": f"torch {np.mean(ref == ours):.3f}, eager {np.mean(eager == ours):.3f}",
-                   "compile_s": round(first - jit_s, 2)})
+                   "compile_s": round(first - gen / float(np.median(r["jit"])), 2)})
   # 2. Fast-dLLM on a RAG-like shape (long prompt, short answer) vs the plain sampler. The
   #    random weights are scaled (x5, head x20) so that outputs are diverse and confidences
   #    spread over (0, 1); a random network is chaotic, so agreement is a pessimistic figure.

@@ -76,7 +76,7 @@ DOCS = [{"id": "d1", "title": "Volcanoes", "text": "Magma erupts from volcanoes 
         {"id": "d4", "title": "Chess", "text": "A chess king moves one square in any direction."}]
 
 
-def test_bm25_and_dense_return_the_right_documents(tmp_path):
+def test_bm25_and_dense_return_the_right_documents(tmp_path, monkeypatch):
   corpus = Corpus.from_records(DOCS)
   queries = ["which insects produce honey from nectar", "lava erupting from a volcano", "how does the king move"]
   idx, scores = BM25Retriever(corpus).search(queries, k=2)
@@ -87,6 +87,11 @@ def test_bm25_and_dense_return_the_right_documents(tmp_path):
   assert list(tmp_path.glob("emb-*.npy"))  # cached, keyed by corpus and encoder
   again = DenseRetriever(corpus, dense.encoder, cache_dir=tmp_path, progress=False)
   np.testing.assert_array_equal(again.embeddings, dense.embeddings)
+  from diffrag.retrieval import dense as dense_lib
+  edited = {**dense_lib.code_version(dense_lib.ENCODER_CODE), "source": "0" * 16}  # as after an encoder edit
+  monkeypatch.setattr(dense_lib, "code_version", lambda modules: edited)
+  DenseRetriever(corpus, dense.encoder, cache_dir=tmp_path, progress=False)
+  assert len(list(tmp_path.glob("emb-*.npy"))) == 2  # encoded again, not read from the old code's cache
 
 
 def test_reciprocal_rank_fusion_by_hand():

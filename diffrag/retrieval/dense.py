@@ -5,7 +5,8 @@ sentence-transformers recipe for this model). Search is exact inner product in c
 (`jnp` matmul + top-k), fine for corpora up to a few million passages on an accelerator;
 for larger corpora, export `embeddings` to an approximate index (e.g. faiss IVF-PQ or
 ScaNN) and keep this class's encode/cache. Corpus embeddings are cached on disk under
-`cache_dir`, keyed by the corpus fingerprint and the encoder's name and max length.
+`cache_dir`, keyed by the corpus fingerprint, the encoder's name and max length, and the
+version of the code that encodes (`ENCODER_CODE`: a change to it encodes again).
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffrag.experiment.provenance import code_version, fingerprint
 from diffrag.retrieval.corpus import Corpus
+
+# the code an embedding is computed by: part of the cache key (provenance.code_version)
+ENCODER_CODE = ("diffrag.models", "diffrag.retrieval.dense")
 
 
 def mean_pool(hidden, mask):
@@ -125,7 +130,8 @@ class DenseRetriever:
                progress: bool = True):
     self.corpus, self.encoder = corpus, encoder
     docs = [corpus.document(i) for i in range(len(corpus))]
-    path = None if cache_dir is None else Path(cache_dir) / f"emb-{corpus.fingerprint()}-{encoder.name}.npy"
+    code = fingerprint(code_version(ENCODER_CODE), 8)
+    path = None if cache_dir is None else Path(cache_dir) / f"emb-{corpus.fingerprint()}-{encoder.name}-{code}.npy"
     if path is not None and path.exists():
       self.embeddings = np.load(path)
     else:

@@ -47,8 +47,10 @@ class PassageCorpus(tfds.core.GeneratorBasedBuilder):
 
 
 def _fingerprint(root: Path, sources: tuple[str, ...]) -> str:
-  """Changes when the source files change, so a stale prepared copy is never read."""
+  """Changes when the source files or the builders' code change, so a stale prepared copy is never read."""
+  from diffrag.experiment.provenance import code_version  # pylint: disable=import-outside-toplevel
   h = hashlib.sha1(str(root.resolve()).encode())
+  h.update(code_version(("diffrag.data.builders",))["source"].encode())
   for sub in sources:
     files = [root / sub] if (root / sub).is_file() else sorted((root / sub).rglob("*"))
     for f in files:

@@ -89,8 +89,9 @@ def file_fingerprint(path: str | os.PathLike) -> dict:
   return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": h.hexdigest()[:16]}
 
 
-# what the code that trains an artefact is: these modules' source and the numerical libraries
-TRAINING_CODE = ("diffrag.models", "diffrag.train", "diffrag.diffusion", "diffrag.data", "diffrag.parallel")
+# the code that trains an artefact: these modules' source and the numerical libraries (the data
+# it trains on enters every artefact key by content, so the code that reads the files is not here)
+TRAINING_CODE = ("diffrag.models", "diffrag.train", "diffrag.diffusion", "diffrag.data.pipeline", "diffrag.parallel")
 NUMERIC_PACKAGES = ("jax", "jaxlib", "flax", "optax")
 
 

@@ -9,7 +9,9 @@ model. A reader retrained with another seed, or by code that differs only in flo
 lands elsewhere: on the demo reader that moved F1 by 3-5 points. This script trains one model
 per seed (`reader.seed`, or `train.seed` for `--kind gr`; each is its own artefact, reused
 when it exists) and evaluates each, in `<out>/<name>/<arm>/seed_<s>/`. With `--treatment`
-a second arm runs the same seeds with those overrides added.
+a second arm runs the same seeds with those overrides added. `--run treatment` runs only
+that arm and reads the control arm's folders as an earlier call left them (`--run none`
+only summarises); each run's manifest records the commit and config that made it.
 
 Writes `<out>/<name>/seeds.{md,csv}` (per arm, method and metric: the per-seed means, their
 sd, the t interval over seeds and the crossed seeds x questions bootstrap interval, beside
@@ -86,6 +88,9 @@ def main() -> None:
   parser.add_argument("--metric", action="append", help="metrics to summarise (default: f1 and em, or ndcg@10)")
   parser.add_argument("--name", help="the sweep's folder name under --out (default: the config's name)")
   parser.add_argument("--out", default="outputs/seeds")
+  parser.add_argument("--run", choices=("all", "control", "treatment", "none"), default="all",
+                      help="which arms to run before the summary (the others are read from their folders, as "
+                           "earlier runs left them; none: summarise only)")
   parser.add_argument("overrides", nargs="*", help="key=value overrides of both arms")
   args = parser.parse_args()
   if len(set(args.seeds)) < 2 or len(set(args.seeds)) != len(args.seeds):
@@ -94,9 +99,13 @@ def main() -> None:
   reference = args.reference or KINDS[args.kind][2]
   metrics = args.metric or (["f1", "em"] if args.kind == "rag" else ["ndcg@10"])
   out = Path(args.out) / (args.name or Path(config).stem)
-  arms = {"control": run_arm(args.kind, config, args.overrides, args.seeds, out / "control")}
-  if args.treatment:
-    arms["treatment"] = run_arm(args.kind, config, args.overrides + args.treatment, args.seeds, out / "treatment")
+  plan = {"control": args.overrides, **({"treatment": args.overrides + args.treatment} if args.treatment else {})}
+  arms = {}
+  for arm, overrides in plan.items():
+    if args.run in ("all", arm):
+      arms[arm] = run_arm(args.kind, config, overrides, args.seeds, out / arm)
+    else:  # finished runs of an earlier call: their manifests say which commit and config made them
+      arms[arm] = [out / arm / f"seed_{s}" for s in args.seeds]
   levels, diffs = summarize_seeds(arms, metrics=metrics, reference=reference)
   print(write_table(levels, out, "seeds"))
   if diffs:

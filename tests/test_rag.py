@@ -710,3 +710,8 @@ def test_seed_sweep_trains_one_reader_per_seed(tmp_path, monkeypatch):
   assert "squad_v1:dev/baseline" in table and "t_ci_seeds" in table and "crossed_ci" in table
   assert "squad_v1:dev/spread_a0.5 - squad_v1:dev/baseline" in (out / "seed_diffs.md").read_text()
   assert (out / "seeds.png").exists() and (out / "manifest.json").exists()
+  first = (out / "seeds.md").read_text()
+  (out / "seeds.md").unlink()
+  monkeypatch.setattr(sys, "argv", sys.argv + ["--run", "none"])  # summarise the finished runs only
+  sweep.main()
+  assert (out / "seeds.md").read_text() == first

@@ -77,7 +77,7 @@ class ArtefactStore:
     """The artefact for `spec` (created empty if new); logs whether it is reused, resumed or new.
 
     The key also covers `code_version(code)`: the source of the diffrag modules that build the
-    artefact (by default the model, training, diffusion, data and sharding code), the numerical
+    artefact (by default the model, training, diffusion, batching and sharding code), the numerical
     libraries' versions and the backend, so a change to any of them trains a new one."""
     if not kind.replace("_", "").isalnum():
       raise ValueError(f"artefact kind {kind!r} must be alphanumeric (underscores allowed)")

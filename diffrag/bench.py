@@ -109,6 +109,19 @@ def _rounds(runs: dict, rounds: int) -> dict:
   return {name: np.asarray(v, np.float64) for name, v in out.items()}
 
 
+def _settled(run, steps: int, pause_s: float = 0.3):
+  """A round of `run` (steps -> rate) as `_rounds` calls it: one untimed step and a pause first, so
+  the other side's threads, still spinning after its round, and its cache contents do not land in
+  this side's timing."""
+
+  def one() -> float:
+    run(1)
+    time.sleep(pause_s)
+    return run(steps)
+
+  return one
+
+
 def _ratio(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, str]:
   """(median of the per-round rate ratios, 'min-max' of them)."""
   r = ours / theirs
@@ -118,8 +131,8 @@ def _ratio(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, str]:
 def bench_train(out: Path, steps: int = 8, rounds: int = 5) -> list[dict]:
   """Train-step throughput against PyTorch (same loss, model and AdamW), pretraining (every token
   maskable) and conditional (a 16-token response window), plus the RAG reader's setting. Each
-  row alternates `rounds` rounds of `steps` steps of ours and PyTorch's (`_rounds`): median tokens/s of
-  each, the median per-round ratio and its range."""
+  row alternates `rounds` rounds of `steps` steps of ours and PyTorch's (`_rounds`, each round
+  `_settled`): median tokens/s of each, the median per-round ratio and its range."""
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import BertForMaskedLM, LlamaConfig, LlamaForCausalLM  # pylint: disable=import-outside-toplevel
   rows = []
@@ -153,7 +166,7 @@ def bench_train(out: Path, steps: int = 8, rounds: int = 5) -> list[dict]:
       ours, compile_s = _jax_train_runner(model, params, batch, loss_window=[-window, window] if window else None,
                                           loss_tokens=loss_tokens)
       theirs = _torch_train_runner(torch_model, torch_logits, batch, mask_id, window)
-      r = _rounds({"jax": lambda: ours(steps), "torch": lambda: theirs(steps)}, rounds)
+      r = _rounds({"jax": _settled(ours, steps), "torch": _settled(theirs, steps)}, rounds)
       ratio, spread = _ratio(r["jax"], r["torch"])
       rows.append({"model": label, "objective": objective, "batch": "8x128",
                    "jax_tokens_per_s": round(float(np.median(r["jax"]))),

@@ -223,7 +223,12 @@ def diffusion_loss(logits_fn, key: jax.Array, x0: jax.Array, maskable: jax.Array
       per_token = jnp.where(valid, nll[:, 0] * (weight / n_b)[rows], 0.0)
       return jnp.sum(per_token) / x0.shape[0], jnp.sum(hit[:, 0] & valid)
 
-    loss, correct = jax.lax.cond(count <= loss_tokens, lean, full)
+    # Differentiating a cond keeps the residuals of both branches, the untaken one's as zeros:
+    # without the checkpoint every lean step would fill the full path's [B, L, V] residuals
+    # (MiniLM, 8 x 128: 39 buffers of 125 MB in the compiled step). Checkpointed, the full
+    # path keeps only its inputs and recomputes its logits in the backward pass of the draws
+    # that overflow. Loss alone, MiniLM 8 x 128, 640 slots: 240 -> 210 ms (full path: 290).
+    loss, correct = jax.lax.cond(count <= loss_tokens, lean, jax.checkpoint(full))
     overflow = (count > loss_tokens).astype(jnp.int32)
   aux = {"masked_tokens": jnp.sum(is_masked), "correct": correct, "overflow": overflow}
   return loss, aux

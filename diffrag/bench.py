@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffrag.models import from_pretrained, init_params, minilm_path, preset
@@ -99,6 +100,42 @@ def _torch_train_runner(torch_model, logits_of, batch, mask_id, window: int = 0)
   return run
 
 
+def _model_gemms(cfg, tokens: int, head_tokens: int) -> list[tuple[int, int, int]]:
+  """The weight matmuls (M, K, N) of one forward: every layer's projections on `tokens` rows, the
+  output layer (and BERT's MLM transform) on `head_tokens` rows. Attention's own products,
+  norms and activations are left out."""
+  d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  mlp = [(tokens, d, cfg.mlp_dim)] * (2 if cfg.mlp == "swiglu" else 1) + [(tokens, cfg.mlp_dim, d)]
+  layer = [(tokens, d, q), (tokens, d, kv), (tokens, d, kv), (tokens, q, d)] + mlp
+  head = ([(head_tokens, d, d)] if cfg.head == "mlm" else []) + [(head_tokens, d, cfg.vocab_size)]
+  return layer * cfg.num_layers + head
+
+
+def _matmul_floor(gemms: list[tuple[int, int, int]], units: float, train: bool):
+  """run(calls=1) -> `units` per second if a step did nothing but these matmuls (forward, and
+  with `train` the two backward products of each: x^T g and g W^T), jitted as one program on
+  this machine's XLA. The bound a step at these shapes cannot beat without doing fewer FLOPs."""
+  keys = jax.random.split(jax.random.key(0), 3 * len(gemms))
+  xs = [jax.random.normal(keys[3 * i], (m, k)) for i, (m, k, _) in enumerate(gemms)]
+  ws = [jax.random.normal(keys[3 * i + 1], (k, n)) * 0.02 for i, (_, k, n) in enumerate(gemms)]
+  cot = [jax.random.normal(keys[3 * i + 2], (m, n)) for i, (m, _, n) in enumerate(gemms)]
+
+  def fwd(xs, ws):  # a random cotangent per product, so no backward matmul folds into a sum
+    return sum(jnp.vdot(x @ w, c) for x, w, c in zip(xs, ws, cot))
+
+  fn = jax.jit(jax.grad(fwd, argnums=(0, 1)) if train else fwd)
+  jax.block_until_ready(fn(xs, ws))
+
+  def run(calls: int = 1) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      out = fn(xs, ws)
+    jax.block_until_ready(out)
+    return units * calls / (time.perf_counter() - t0)
+
+  return run
+
+
 def _rounds(runs: dict, rounds: int) -> dict:
   """Calls every run once per round, in order, for `rounds` rounds, so a change in the machine's
   load hits every side alike; returns {name: np.array([rounds]) of what each call returned}."""
@@ -166,12 +203,18 @@ def bench_train(out: Path, steps: int = 8, rounds: int = 5) -> list[dict]:
       ours, compile_s = _jax_train_runner(model, params, batch, loss_window=[-window, window] if window else None,
                                           loss_tokens=loss_tokens)
       theirs = _torch_train_runner(torch_model, torch_logits, batch, mask_id, window)
-      r = _rounds({"jax": _settled(ours, steps), "torch": _settled(theirs, steps)}, rounds)
+      head = loss_tokens or (8 * window if window else 8 * 128)
+      floor = _matmul_floor(_model_gemms(model.config, 8 * 128, head), 8 * 128, train=True)
+      r = _rounds({"jax": _settled(ours, steps), "torch": _settled(theirs, steps), "floor": _settled(floor, steps)},
+                  rounds)
       ratio, spread = _ratio(r["jax"], r["torch"])
       rows.append({"model": label, "objective": objective, "batch": "8x128",
                    "jax_tokens_per_s": round(float(np.median(r["jax"]))),
                    "torch_tokens_per_s": round(float(np.median(r["torch"]))), "jax_over_torch": ratio,
-                   "ratio_range": spread, "rounds": f"{rounds} x {steps} steps", "jax_compile_s": round(compile_s, 1)})
+                   "ratio_range": spread, "rounds": f"{rounds} x {steps} steps",
+                   "matmul_floor_tokens_per_s": round(float(np.median(r["floor"]))),
+                   "jax_share_of_floor": _ratio(r["jax"], r["floor"])[0],
+                   "floor_over_torch": _ratio(r["floor"], r["torch"])[0], "jax_compile_s": round(compile_s, 1)})
       print(rows[-1], flush=True)
   rows += _bench_reader_batches(minilm, minilm_params, steps)
   return rows
@@ -342,7 +385,10 @@ def bench_sampler(out: Path, prompt_len: int = 32, rounds: int = 5) -> list[dict
                "eager": (lambda: _eager_generate(model, params, prompt, mask_id=cfg.mask_token_id, **kw), False)}
       # every side gets a warm-up call (compilation, allocation), then `rounds` timed calls, alternating
       warm = {name: _timed(fn, repeat=0, strict=strict) for name, (fn, strict) in sides.items()}
-      r = _rounds({name: _rate(fn, gen, strict) for name, (fn, strict) in sides.items()}, rounds)
+      # one forward per generated token: the canvas's matmuls, the output layer on the 32-token block
+      floor = _matmul_floor(_model_gemms(cfg, prompt_len + gen, 32), 1, train=False)
+      r = _rounds({**{name: _rate(fn, gen, strict) for name, (fn, strict) in sides.items()},
+                   "floor": lambda: floor(gen)}, rounds)
       sample, first = warm["jit"][0], warm["jit"][1]
       ours, ref, eager = np.asarray(sample.tokens), warm["torch"][0], warm["eager"][0]
       vs_torch, spread = _ratio(r["jit"], r["torch"])
@@ -351,7 +397,10 @@ def bench_sampler(out: Path, prompt_len: int = 32, rounds: int = 5) -> list[dict
                    "eager_loop_tokens_per_s": round(float(np.median(r["eager"])), 1),
                    "torch_tokens_per_s": round(float(np.median(r["torch"])), 1),
                    "speedup_vs_eager": _ratio(r["jit"], r["eager"])[0], "speedup_vs_torch": vs_torch,
-                   "speedup_vs_torch_range": spread, "rounds": rounds, "forward_passes": int(sample.num_forward),
+                   "speedup_vs_torch_range": spread, "rounds": rounds,
+                   "matmul_floor_tokens_per_s": round(float(np.median(r["floor"])), 1),
+                   "share_of_floor": _ratio(r["jit"], r["floor"])[0], "floor_over_torch": _ratio(r["floor"], r["torch"])[0],
+                   "forward_passes": int(sample.num_forward),
                    "same_tokens_as": f"torch {np.mean(ref == ours):.3f}, eager {np.mean(eager == ours):.3f}",
                    "compile_s": round(first - gen / float(np.median(r["jit"])), 2)})
   # 2. Fast-dLLM on a RAG-like shape (long prompt, short answer) vs the plain sampler. The

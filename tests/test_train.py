@@ -412,3 +412,20 @@ def test_train_layer_loop_resolves_and_rejects_bad_names():
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, 1), devices=_cpu0())
   with pytest.raises(ValueError, match="train.layer_loop='while'; expected 'auto', 'scan' or 'unroll'"):
     compile_step(model, params, TrainConfig(train=LoopSpec(layer_loop="while")), mesh, mesh_lib.DEFAULT_RULES)
+
+
+def test_matmul_floor_counts_the_models_matmuls():
+  """The bench's matmul floor runs the model's weight matmuls: their FLOPs are the matmul part of
+  `approx_flops_per_token` (Llama-like and Qwen2-like shapes), the output layer counted on the
+  rows given only; the floor program runs and gives a rate."""
+  from diffrag.bench import _matmul_floor, _model_gemms
+  from diffrag.models import preset
+  from diffrag.models.families import approx_flops_per_token
+  for name in ("tiny-llada", "tiny-dream"):
+    cfg = preset(name)
+    flops = sum(2 * m * k * n for m, k, n in _model_gemms(cfg, 24, 24))
+    assert flops == pytest.approx(24 * approx_flops_per_token(cfg, 0))
+    head_only = 2 * 16 * cfg.hidden_size * cfg.vocab_size
+    assert sum(2 * m * k * n for m, k, n in _model_gemms(cfg, 24, 8)) == pytest.approx(flops - head_only)
+  rate = _matmul_floor(_model_gemms(preset("tiny-llada"), 24, 8), 24, train=True)(2)
+  assert np.isfinite(rate) and rate > 0

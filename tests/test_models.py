@@ -125,6 +125,19 @@ def test_real_minilm_matches_transformers_bert():
   assert np.abs(np.asarray(hidden) - ref_h).max() <= TOL
 
 
+def test_gelu_erf_matches_torch_exact_gelu_and_its_gradient():
+  from diffrag.models.transformer import gelu_erf
+  x = np.linspace(-9.0, 9.0, 4001, dtype=np.float32)
+  t = torch.tensor(x, requires_grad=True)
+  ref = torch.nn.functional.gelu(t, approximate="none")
+  ref.sum().backward()
+  y, grad = jax.value_and_grad(lambda v: jnp.sum(gelu_erf(v)))(jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(gelu_erf(jnp.asarray(x))), ref.detach().numpy(), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(grad), t.grad.numpy(), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(gelu_erf(jnp.asarray(x))),
+                             np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=False)), atol=1e-6)
+
+
 def test_minilm_without_head_needs_explicit_flag():
   with pytest.raises(ConfigError, match="init_missing_head=True"):
     from_pretrained(minilm_path())

@@ -429,3 +429,35 @@ def test_matmul_floor_counts_the_models_matmuls():
     assert sum(2 * m * k * n for m, k, n in _model_gemms(cfg, 24, 8)) == pytest.approx(flops - head_only)
   rate = _matmul_floor(_model_gemms(preset("tiny-llada"), 24, 8), 24, train=True)(2)
   assert np.isfinite(rate) and rate > 0
+
+
+_REALLOC_FAULTS = """
+import ctypes, resource
+import diffrag
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+faults, n = [], 48 << 20  # past glibc's largest mmap threshold (32 MB)
+for _ in range(3):
+  f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  block = libc.malloc(n)
+  ctypes.memset(block, 1, n)
+  libc.free(block)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(min(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator setting")
+def test_import_keeps_large_freed_blocks_so_steps_do_not_page_fault_them_again():
+  """XLA's CPU backend allocates each call's temporary buffer afresh: importing diffrag makes a
+  freed 48 MB block come back from the heap (no page faults), where glibc's default maps and
+  faults it in again (12k faults)."""
+
+  def faults(**env):
+    out = subprocess.run([sys.executable, "-c", _REALLOC_FAULTS], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in {**os.environ, **env}.items() if k not in ("MALLOC_MMAP_MAX_", "GLIBC_TUNABLES")})
+    return int(out.stdout.split()[-1])
+
+  tuned, default = faults(), faults(DIFFRAG_MALLOC_DEFAULTS="0")
+  assert default > 10_000, default  # 48 MB in 4 KiB pages: the setting has something to fix here
+  assert tuned < default // 10, (tuned, default)

@@ -422,6 +422,16 @@ class Attention(nn.Module):
     return _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), cfg.out_bias, "o", n_in=2)(out), (k, v)
 
 
+def gelu_erf(x: Array) -> Array:
+  """Exact GELU, y = x/2 * (1 + erf(x / sqrt(2))): BERT's and PyTorch's formula.
+
+  Equal to `jax.nn.gelu(x, approximate=False)` within float32 rounding, but jax writes it
+  with erfc, which XLA's CPU backend lowers to three elementwise passes with selects; erf is
+  one vectorised polynomial (the MiniLM train step: about 6 -> 1 ms per layer at 8 x 128).
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(2 ** -0.5, x.dtype)))
+
+
 class Mlp(nn.Module):
   """swiglu: down(silu(gate(x)) * up(x));  gelu: wo(gelu_erf(wi(x))) (BERT)."""
 
@@ -435,7 +445,7 @@ class Mlp(nn.Module):
       up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), cfg.mlp_bias, "up")(x)
       h = nn.silu(gate) * up
     else:
-      h = nn.gelu(_dense(cfg, cfg.mlp_dim, ("embed", "mlp"), cfg.mlp_bias, "wi")(x), approximate=False)
+      h = gelu_erf(_dense(cfg, cfg.mlp_dim, ("embed", "mlp"), cfg.mlp_bias, "wi")(x))
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     name = "down" if cfg.mlp == "swiglu" else "wo"
     return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name)(h)
@@ -569,13 +579,13 @@ class MaskedDiffusionTransformer(nn.Module):
     if cfg.head == "mlm":
       mlm_dense = _dense(cfg, cfg.hidden_size, ("embed", None), True, "mlm_dense")
       mlm_norm = Norm(cfg, name="mlm_norm")
-      x = mlm_norm(nn.gelu(mlm_dense(x), approximate=False))
+      x = mlm_norm(gelu_erf(mlm_dense(x)))
       bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                         (cfg.vocab_size,), cfg.weight_dtype)
     if cfg.copy_head:
       if return_features:
         raise ValueError("a copy head has no vocabulary projection to tile: train it with vocab_tile=0")
-      keys = full_x if mlm_dense is None else mlm_norm(nn.gelu(mlm_dense(full_x), approximate=False))
+      keys = full_x if mlm_dense is None else mlm_norm(gelu_erf(mlm_dense(full_x)))
       start = 0 if output_window is None else output_window[0]
       copyable = (input_ids != cfg.mask_token_id) & (jnp.arange(length)[None, :] < (start if output_window is not None
                                                                                    else length))

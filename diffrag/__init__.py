@@ -16,7 +16,7 @@ def _xla_defaults() -> None:
 
 
 def _malloc_defaults() -> None:
-  """Keeps large freed blocks in the process's heap (glibc: no mmap, no trim), so XLA's CPU
+  """Keeps large freed blocks in the process's heap (glibc: no mmap, no trim, one arena), so XLA's CPU
   backend, which allocates each call's temporary buffer afresh, stops page-faulting it in every
   step: blocks over 32 MB are otherwise mapped and unmapped by every call (a MiniLM layer's
   train step at 8 x 128: 14k page faults and 25-30 ms of kernel time per call, about a fifth of

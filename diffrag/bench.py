@@ -662,7 +662,7 @@ def _bench_gr_sharded(queries: int) -> list[dict]:
   code = f"""
 import json, time, jax, numpy as np
 from diffrag.bench import synthetic_docids
-from diffrag.experiment.timing import Stopwatch, count_compiles
+from diffrag.experiment.timing import Stopwatch
 from diffrag.gr import decode as D
 from diffrag.gr.docids import DocIDTable
 from diffrag.models import MaskedDiffusionTransformer, init_params, preset

@@ -12,8 +12,8 @@ from diffrag.rag import metrics as M
 from diffrag.rag import pipeline as P
 from diffrag.rag.prompts import PromptSpec, build_prompt
 from diffrag.rag.spread import query_representation, relevance, spread
-from diffrag.retrieval import (BM25Retriever, Corpus, DenseRetriever, HybridRetriever, MiniLMEncoder, cut_passages,
-                               reciprocal_rank_fusion)
+from diffrag.retrieval import (BM25Retriever, Corpus, DenseRetriever, HybridRetriever, MiniLMEncoder, ParentRetriever,
+                               cut_passages, parents_of, reciprocal_rank_fusion)
 from diffrag.sampling import transforms as T
 from diffrag.sampling.sampler import generate
 from tests import hf_fixtures as hf
@@ -129,6 +129,65 @@ def test_hybrid_retriever_fuses_bm25_and_dense(tmp_path):
   with pytest.raises(ValueError, match="expected dense, bm25, hybrid or gold"):
     P.retrieve(P.RagConfig(retrieval=P.RetrievalSpec(retriever="splade")), [], corpus)
 
+
+
+def test_parents_of_regroups_chunks_into_their_passages_in_chunk_order():
+  corpus = Corpus(("a#1", "b", "a#0", "c#x", "a#10"), ("A", "B", "A", "C", "A"),
+                  ("second.", "whole b.", "first.", "own parent.", "third."))
+  parents, parent = parents_of(corpus)
+  assert parents.ids == ("a", "b", "c#x") and parents.titles == ("A", "B", "C")
+  assert parents.texts[0] == "first. second. third."  # chunk 10 after chunk 1: numeric order, not string order
+  assert parent.tolist() == [0, 1, 0, 2, 0]
+
+
+class _Fixed:
+  """A retriever with a fixed ranking of its corpus for every query."""
+
+  def __init__(self, corpus, order):
+    self.corpus, self.order = corpus, np.asarray(order)
+
+  def search(self, queries, k=10):
+    k = min(k, len(self.order))
+    return np.tile(self.order[:k], (len(queries), 1)), np.tile(-np.arange(k, dtype=float), (len(queries), 1))
+
+
+def test_parent_retriever_gives_every_chunk_its_passage_rank_and_fusion_uses_shared_ranks():
+  chunks = Corpus(("p#0", "p#1", "q#0", "r#0", "r#1"), ("",) * 5, ("a", "b", "c", "d", "e"))
+  parents, parent = parents_of(chunks)                       # p, q, r
+  by_parent = ParentRetriever(_Fixed(parents, [2, 0, 1]), chunks, parent)   # r, then p, then q
+  idx, ranks = by_parent.search_ranked(["x"], k=5)
+  assert idx.tolist() == [[3, 4, 0, 1, 2]] and ranks.tolist() == [[1, 1, 2, 2, 3]]
+  idx, ranks = by_parent.search_ranked(["x"], k=3)           # cut at k chunks
+  assert idx.tolist() == [[3, 4, 0]] and ranks.tolist() == [[1, 1, 2]]
+  # fused with a chunk ranking, by hand: score = 1/(c + chunk rank) + 1/(c + passage rank), c = 1
+  hybrid = HybridRetriever([_Fixed(chunks, [2, 0, 1, 3, 4]), by_parent], c=1.0)
+  got, score = hybrid.search(["x"], k=5)
+  want = {2: 1 / 2 + 1 / 4, 0: 1 / 3 + 1 / 3, 1: 1 / 4 + 1 / 3, 3: 1 / 5 + 1 / 2, 4: 1 / 6 + 1 / 2}
+  assert got[0].tolist() == sorted(want, key=lambda d: (-want[d], d))
+  assert score[0] == pytest.approx(sorted(want.values(), reverse=True))
+  # padding (fewer chunks than asked for) counts for nothing
+  fused, _ = reciprocal_rank_fusion([np.array([[0, -1]]), np.array([[1, 0]])], k=2, c=1.0,
+                                      ranks=[np.array([[1, np.inf]]), None])
+  assert fused.tolist() == [[0, 1]]
+  with pytest.raises(ValueError, match="parent must map"):
+    ParentRetriever(_Fixed(parents, [0]), chunks, parent[:2])
+  with pytest.raises(ValueError, match="one per ranking"):
+    reciprocal_rank_fusion([np.array([[0]])], k=1, ranks=[None, None])
+
+
+def test_parent_fusion_lifts_a_chunk_whose_passage_matches_the_question():
+  """The answer chunk shares no rare word with the question; its passage does."""
+  corpus = Corpus(("curie#0", "curie#1", "nobel#0", "warsaw#0"), ("",) * 4,
+                  ("Marie Curie was born in Warsaw.", "She won the Nobel prize twice.",
+                   "The Nobel prize is a prize, a famous prize.", "Warsaw is the capital of Poland."))
+  question = [{"id": "q", "question": "Which prize did Marie Curie win?"}]
+  cfg = lambda fused: P.RagConfig(retrieval=P.RetrievalSpec(retriever="bm25", k=2, chunk_words=40, rrf_c=3.0,
+                                                            parent_fusion=fused))
+  plain = [p["id"] for p in P.retrieve(cfg(False), question, corpus)["q"]]
+  fused = [p["id"] for p in P.retrieve(cfg(True), question, corpus)["q"]]
+  assert plain == ["curie#0", "nobel#0"] and fused == ["curie#0", "curie#1"]
+  with pytest.raises(ValueError, match="chunk_words > 0"):
+    P.retrieve(P.RagConfig(retrieval=P.RetrievalSpec(retriever="bm25", parent_fusion=True)), question, corpus)
 
 @pytest.mark.parametrize("tokens_per_pass", [None, 32])
 def test_minilm_embeddings_match_sentence_transformers_recipe(monkeypatch, tokens_per_pass):

@@ -72,6 +72,8 @@ class RetrievalSpec:
   max_chars: int = 2000
   chunk_words: int = 0            # > 0: passages are split into chunks of at most this many words (at
                                   # sentence ends) and the chunks are what is retrieved
+  parent_fusion: bool = False     # with chunks: also rank each chunk by its whole passage (the retriever's
+                                  # passage-level ranking fused with its chunk-level one; hybrid: 4 lists)
   cache_dir: str = "outputs/cache"
 
 
@@ -224,20 +226,25 @@ def build_corpus(cfg: RagConfig, records):
 
 def retrieve(cfg: RagConfig, records, corpus, k: int | None = None) -> dict[str, list[dict]]:
   """question id -> top-k passages [{id, text}] (text cut to max_chars)."""
-  from diffrag.retrieval import BM25Retriever, DenseRetriever, HybridRetriever, default_encoder  # pylint: disable=import-outside-toplevel
+  from diffrag.retrieval import (BM25Retriever, DenseRetriever, HybridRetriever, ParentRetriever,  # pylint: disable=import-outside-toplevel
+                                 default_encoder, parents_of)
   k, cut = k or cfg.retrieval.k, cfg.retrieval.max_chars
   if cfg.retrieval.retriever == "gold":
     chunks = lambda r: [c for p in r["passages"] for c in chunk_passage(p, cfg.retrieval.chunk_words)]
     return {r["id"]: [{"id": p["id"], "text": corpus_text(p)[:cut]} for p in chunks(r)[:k]] for r in records}
-  dense = lambda: DenseRetriever(corpus, default_encoder(), cache_dir=cfg.retrieval.cache_dir)
-  if cfg.retrieval.retriever == "bm25":
-    retriever = BM25Retriever(corpus)
-  elif cfg.retrieval.retriever == "dense":
-    retriever = dense()
-  elif cfg.retrieval.retriever == "hybrid":
-    retriever = HybridRetriever([BM25Retriever(corpus), dense()], c=cfg.retrieval.rrf_c)
-  else:
+  kinds = {"bm25": ["bm25"], "dense": ["dense"], "hybrid": ["bm25", "dense"]}.get(cfg.retrieval.retriever)
+  if kinds is None:
     raise ValueError(f"retrieval.retriever={cfg.retrieval.retriever!r}; expected dense, bm25, hybrid or gold")
+  make = lambda kind, c: BM25Retriever(c) if kind == "bm25" else \
+      DenseRetriever(c, default_encoder(), cache_dir=cfg.retrieval.cache_dir)
+  retrievers = [make(kind, corpus) for kind in kinds]
+  if cfg.retrieval.parent_fusion:
+    if cfg.retrieval.chunk_words <= 0:
+      raise ValueError("retrieval.parent_fusion ranks chunks by the passages they were cut from: set "
+                       "retrieval.chunk_words > 0, or parent_fusion=false")
+    parents, parent = parents_of(corpus)
+    retrievers += [ParentRetriever(make(kind, parents), corpus, parent) for kind in kinds]
+  retriever = retrievers[0] if len(retrievers) == 1 else HybridRetriever(retrievers, c=cfg.retrieval.rrf_c)
   idx, _ = retriever.search([r["question"] for r in records], min(k, len(corpus)))
   return {r["id"]: [{"id": corpus.ids[j], "text": corpus.document(j)[:cut]} for j in row]
           for r, row in zip(records, idx)}
@@ -268,7 +275,8 @@ def _training_prompts(cfg: RagConfig, train, tok, spec: PromptSpec):
   corpus = build_corpus(dataclasses.replace(cfg, retrieval=dataclasses.replace(cfg.retrieval, corpus=["dataset"])),
                         train)
   n_dis, n_var = cfg.reader.distractors, cfg.reader.prompt_variants
-  by = dataclasses.replace(cfg.retrieval, retriever=cfg.reader.distractor_retriever)
+  # distractors are retrieved at chunk level only (parent_fusion is an evaluation-time choice)
+  by = dataclasses.replace(cfg.retrieval, retriever=cfg.reader.distractor_retriever, parent_fusion=False)
   retrieved = retrieve(dataclasses.replace(cfg, retrieval=by), train, corpus, k=n_dis * n_var + 1) if n_dis else {}
   g, cut = cfg.generation.gen_length, cfg.retrieval.max_chars
   pairs, used, moved, missing, split = [], {}, 0, 0, 0

@@ -57,3 +57,28 @@ def cut_passages(texts: Sequence[str], k: int = 5, max_chars: int = 2000) -> lis
   if k < 1 or max_chars < 1:
     raise ValueError(f"passages need k >= 1 and max_chars >= 1, got k={k}, max_chars={max_chars}")
   return [t[:max_chars] for t in list(texts)[:k]]
+
+
+def parents_of(corpus: Corpus, sep: str = "#") -> tuple[Corpus, "np.ndarray"]:
+  """The passages a corpus of chunks was cut from: (parents, parent [N] int, chunk i -> parent index).
+
+  A chunk id `<parent id><sep><k>` (k an integer, the chunk's place in its passage) belongs to
+  `<parent id>`; any other id is its own parent. A parent's text is its chunks' texts joined by
+  one space in the order of k (the passage, whitespace normalised), its title the first chunk's.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  keys = []
+  for i in corpus.ids:
+    head, _, tail = i.rpartition(sep)
+    keys.append((head, int(tail)) if head and tail.isdigit() else (i, 0))
+  order: dict[str, list[tuple[int, int]]] = {}
+  for n, (pid, k) in enumerate(keys):
+    order.setdefault(pid, []).append((k, n))
+  ids, titles, texts, parent = [], [], [], np.zeros(len(corpus), np.int64)
+  for p, (pid, members) in enumerate(order.items()):
+    members.sort()
+    ids.append(pid)
+    titles.append(corpus.titles[members[0][1]])
+    texts.append(" ".join(corpus.texts[n] for _, n in members if corpus.texts[n]))
+    parent[[n for _, n in members]] = p
+  return Corpus(tuple(ids), tuple(titles), tuple(texts)), parent

@@ -388,6 +388,9 @@ def test_gr_pipeline_end_to_end_counts_bad_records(tmp_path, capsys):
          progress=False)
   out = capsys.readouterr().out
   assert "building it" in out and "index_with_title" in out
+  # no AR twin this time: the first run's AR run file is set aside, not left beside this run's
+  assert not (tmp_path / "out" / "run_ar_beam_B2.trec").exists() and "moved to" in out
+  assert (tmp_path / "out" / "superseded" / "run_ar_beam_B2.trec").exists()
   # the masking schedule makes a new diffusion retriever; the AR twin (nothing masked) is reused
   run_gr(config_lib.load(GRConfig, None, _gr_overrides(tmp_path) + ["train.schedule=poly0.5"]), progress=False)
   out = capsys.readouterr().out

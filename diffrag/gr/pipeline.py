@@ -21,7 +21,8 @@ The diffusion retriever and its autoregressive twin (same backbone with a causal
 next-token CE) are artefacts keyed by everything that made them, trained with the same
 pairs, steps, batch, optimizer and schedule by default. Outputs under out_dir: run.trec
 (the default mode) and run_<mode>.trec for every mode, metrics.json (per-method metrics,
-paired comparisons, counts), gr.md / gr.csv, manifest.json, plots, docids.json.
+paired comparisons, counts), gr.md / gr.csv, manifest.json, plots, docids.json. Run files an
+earlier run left there for modes this run does not decode are moved to out_dir/superseded/.
 """
 
 from __future__ import annotations
@@ -352,6 +353,18 @@ def default_mode(dec: GRDecode, length: int | None = None) -> str:
   return modes[dec.default]
 
 
+def _set_aside_stale_runs(out: Path, written: set[str]) -> list[str]:
+  """Moves run_*.trec files an earlier run left in `out` (modes this run did not decode) to
+  out/superseded/, so every run file beside metrics.json is this run's; returns their names."""
+  stale = sorted(p.name for p in out.glob("run_*.trec") if p.name not in written)
+  if stale:
+    (out / "superseded").mkdir(exist_ok=True)
+    for name in stale:
+      (out / name).replace(out / "superseded" / name)
+    print(f"{len(stale)} run file(s) of an earlier run in {out} moved to {out / 'superseded'}: {', '.join(stale)}")
+  return stale
+
+
 def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   from diffrag.models import from_pretrained, load_tokenizer, minilm_path  # pylint: disable=import-outside-toplevel
   from diffrag.retrieval import BM25Retriever, Corpus, DenseRetriever, default_encoder  # pylint: disable=import-outside-toplevel
@@ -433,10 +446,13 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
                         "train_s": rec.get("wall_seconds")}
   index_input = "title+body" if cfg.train.index_with_title else "body"
 
+  written: set[str] = set()  # run files of this run; any other run_*.trec in out_dir is an earlier run's
+
   def record(name, family, t, decoded: D.Decoded | None, rankings=None, samples=1, train_rec=None, timing=None):
     rankings = decoded.rankings if decoded is not None else rankings
     ranked = {q: [(corpus.ids[d], s) for d, s in r] for q, r in zip(eval_ids, rankings)}
     trec.write_run(out / f"run_{name}.trec", ranked, tag=name)
+    written.add(f"run_{name}.trec")
     run = trec.read_run(out / f"run_{name}.trec")
     qids, scores = trec.per_query(run, eval_qrels)
     seen = np.array([seen_of[q] for q in qids], bool)
@@ -531,6 +547,7 @@ def run_gr(cfg: GRConfig, progress: bool = True) -> dict:
   if causal_backbone or not default:  # an AR checkpoint decodes with its own beam only
     default = next((r["method"] for r in rows if r["method"].startswith("ar_beam_")), rows[-1]["method"])
   (out / "run.trec").write_text((out / f"run_{default}.trec").read_text())
+  _set_aside_stale_runs(out, written)
   table_rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
   table_md = write_table(table_rows, out, "gr")
   summary = {"config": dataclasses.asdict(cfg), "counts": counts, "docids": table.stats, "default_run": default,

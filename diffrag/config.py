@@ -116,5 +116,16 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
   return from_dict(cls, apply_overrides(data, overrides or []))
 
 
+def of_run(cls: type[T], out_dir: str | Path) -> T:
+  """The resolved config a run was made with, read back from its `out_dir/manifest.json` (where
+  `provenance.canonical` wrote each dataclass as a mapping tagged `__dataclass__`)."""
+  import json  # pylint: disable=import-outside-toplevel
+  path = Path(out_dir) / "manifest.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: give the out_dir of a finished run (it writes manifest.json)")
+  untag = lambda v: {k: untag(x) for k, x in v.items() if k != "__dataclass__"} if isinstance(v, dict) else v
+  return from_dict(cls, untag(json.loads(path.read_text())["config"]))
+
+
 def dump(obj, path: str | Path) -> None:
   Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))

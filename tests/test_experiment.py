@@ -95,6 +95,18 @@ def test_manifest_records_provenance(tmp_path):
   assert canonical((1, np.int64(2))) == [1, 2]
 
 
+def test_a_run_config_reads_back_from_its_manifest(tmp_path):
+  from diffrag import config as config_lib
+  from diffrag.rag.pipeline import RagConfig
+  cfg = config_lib.load(RagConfig, "configs/rag_minilm_squad_long.yaml", ["retrieval.rrf_c=7", "data.limit=3"])
+  write_manifest(tmp_path, config=cfg, data={}, seeds={}, wall_times={}, artefacts=[])
+  back = config_lib.of_run(RagConfig, tmp_path)
+  assert back.retrieval.rrf_c == 7.0 and back.data.limit == 3 and back.retrieval.parent_fusion
+  assert canonical(back) == canonical(cfg)
+  with pytest.raises(FileNotFoundError, match="out_dir of a finished run"):
+    config_lib.of_run(RagConfig, tmp_path / "nowhere")
+
+
 def test_timed_calls_do_not_compile():
   f = jax.jit(lambda x: jnp.tanh(x) * 2)
   sw = Stopwatch()

@@ -57,6 +57,20 @@ def test_cut_short_answers():
   assert not M.cut_short("", ["Denver"]) and not M.cut_short("Carolina", ["Denver Broncos"])
 
 
+def test_error_kind_sorts_each_answer_by_where_it_went_wrong():
+  passages = ["The Broncos beat the Panthers in Denver.", "Super Bowl 50 was played at Levi's Stadium."]
+  kind = lambda pred, in_prompt=True: M.error_kind(pred, ["Denver Broncos", "Broncos"], passages, in_prompt)
+  assert kind("Broncos", in_prompt=False) == "answer not in prompt"  # a retrieval miss comes first
+  assert kind("the Broncos") == "exact"
+  assert kind("Broncos beat") == "overlap"
+  assert kind("") == "empty"
+  assert kind("Panthers") == "other span, answer's passage"
+  assert kind("Levi's Stadium") == "span of another passage"
+  assert kind("Panthers Stadium") == "not a span of the prompt"   # words of the prompt, not one phrase of it
+  assert kind("Panth") == "not a span of the prompt"             # occurrence is word-aligned
+  assert set(M.ERROR_KINDS) >= {kind(p) for p in ("Panthers", "Stadium", "x")}
+
+
 def test_copy_rate_and_rsd():
   assert M.copy_rate("Paris is nice", ["I like Paris.", "It is big"]) == pytest.approx(2 / 3)
   r = M.rsd([np.nan, 0.2, 0.8, 0.6, 0.4])

@@ -56,6 +56,38 @@ def cut_short(pred: str, golds: Sequence[str]) -> bool:
   return any(f" {p} " in f" {normalize_answer(g)} " for g in golds)
 
 
+ERROR_KINDS = ("answer not in prompt", "exact", "overlap", "empty", "other span, answer's passage",
+               "span of another passage", "not a span of the prompt")
+
+
+def _occurs(phrase: str, text: str) -> bool:
+  """The normalised phrase occurs word-aligned in the normalised text."""
+  p = normalize_answer(phrase)
+  return bool(p) and f" {p} " in f" {normalize_answer(text)} "
+
+
+def error_kind(pred: str, golds: Sequence[str], passages: Sequence[str], answer_in_prompt: bool) -> str:
+  """Where one answer stands, as one of `ERROR_KINDS`, checked in this order:
+  the gold answer is not in the prompt (a retrieval miss: nothing to read); EM; F1 > 0 with no
+  EM ("overlap": the right place, wrong boundaries); an empty answer; else the answer is a
+  phrase of a passage that holds a gold answer ("other span, answer's passage"), of a passage
+  that holds none ("span of another passage"), or of none ("not a span of the prompt": words
+  the decoder did not copy as one piece). Occurrence is word-aligned after SQuAD normalisation."""
+  if not answer_in_prompt:
+    return ERROR_KINDS[0]
+  s = qa_scores(pred, golds)
+  if s["em"] == 1.0:
+    return ERROR_KINDS[1]
+  if s["f1"] > 0.0:
+    return ERROR_KINDS[2]
+  if not normalize_answer(pred):
+    return ERROR_KINDS[3]
+  holds = [p for p in passages if _occurs(pred, p)]
+  if any(any(_occurs(g, p) for g in golds) for p in holds):
+    return ERROR_KINDS[4]
+  return ERROR_KINDS[5] if holds else ERROR_KINDS[6]
+
+
 def copy_rate(pred: str, passages: Sequence[str]) -> float:
   """Share of the answer's (normalised) word types that occur in the retrieved passages."""
   words = set(normalize_answer(pred).split())

@@ -47,23 +47,23 @@ def qa_scores(pred: str, golds: Sequence[str]) -> dict[str, float]:
           "length": float(len(normalize_answer(pred).split()))}
 
 
+def occurs(phrase: str, text: str) -> bool:
+  """The normalised phrase occurs word-aligned in the normalised text."""
+  p = normalize_answer(phrase)
+  return bool(p) and f" {p} " in f" {normalize_answer(text)} "
+
+
 def cut_short(pred: str, golds: Sequence[str]) -> bool:
   """The (normalised) prediction is a strict, word-aligned part of a gold answer: the right
   place in the passage, cut short (no exact match with any alias)."""
   p = normalize_answer(pred)
   if not p or any(p == normalize_answer(g) for g in golds):
     return False
-  return any(f" {p} " in f" {normalize_answer(g)} " for g in golds)
+  return any(occurs(pred, g) for g in golds)
 
 
 ERROR_KINDS = ("answer not in prompt", "exact", "overlap", "empty", "other span, answer's passage",
                "span of another passage", "not a span of the prompt")
-
-
-def _occurs(phrase: str, text: str) -> bool:
-  """The normalised phrase occurs word-aligned in the normalised text."""
-  p = normalize_answer(phrase)
-  return bool(p) and f" {p} " in f" {normalize_answer(text)} "
 
 
 def error_kind(pred: str, golds: Sequence[str], passages: Sequence[str], answer_in_prompt: bool) -> str:
@@ -82,8 +82,8 @@ def error_kind(pred: str, golds: Sequence[str], passages: Sequence[str], answer_
     return ERROR_KINDS[2]
   if not normalize_answer(pred):
     return ERROR_KINDS[3]
-  holds = [p for p in passages if _occurs(pred, p)]
-  if any(any(_occurs(g, p) for g in golds) for p in holds):
+  holds = [p for p in passages if occurs(pred, p)]
+  if any(any(occurs(g, p) for g in golds) for p in holds):
     return ERROR_KINDS[4]
   return ERROR_KINDS[5] if holds else ERROR_KINDS[6]
 

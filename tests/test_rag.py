@@ -592,10 +592,10 @@ def test_a_tiny_reader_learns_to_read_held_out_articles(tmp_path):
           "reader.train_steps=80", "reader.batch_size=8", "reader.lr=1e-3", "reader.warmup_steps=5",
           f"reader.store={tmp_path / 'store'}", "prompt.chat=false", "prompt.max_prompt_tokens=32",
           "generation.gen_length=4", "generation.steps=4", "generation.batch_size=8", "spread.alphas=[]",
-          "generation.span_decoding=true", "generation.span_first_tokens=2", "drift=false",
-          f"out_dir={tmp_path / 'out'}"]
+          "generation.span_decoding=true", "generation.span_first_tokens=2", "generation.left_to_right=true",
+          "drift=false", f"out_dir={tmp_path / 'out'}"]
   summary = run_rag(config_lib.load(RagConfig, None, over), progress=False)
-  row, span, span_k = summary["methods"]
+  row, span, span_k, l2r = summary["methods"]
   assert summary["sets"]["squad_v1:dev"]["leakage"]["contexts_shared"] == 0 and row["n"] == 16
   # a random word of the 10-word passage scores EM 10%: the reader must do much better, and so
   # must one-pass span decoding of the same reader (paired with the sampler, one forward pass)
@@ -605,6 +605,12 @@ def test_a_tiny_reader_learns_to_read_held_out_articles(tmp_path):
   preds = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
   assert {x["forward_passes"] for x in preds if x["method"] == "span"} == {1}
   assert {x["forward_passes"] for x in preds if x["method"] == "span_k2"} == {3}
+  # left to right: position p is committed by pass p until the answer's EOS, and a batch stops
+  # once every row has committed one (no more passes than the canvas has positions)
+  assert l2r["method"] == "l2r" and l2r["n"] == 16 and l2r["em"] >= 40 and "[" in l2r["d_f1"], l2r
+  for x in (x for x in preds if x["method"] == "l2r"):
+    ran = sum(s >= 0 for s in x["commit_step"])  # positions after the EOS are filled without a pass (-1)
+    assert x["commit_step"] == list(range(ran)) + [-1] * (4 - ran) and 1 <= x["forward_passes"] <= 4, x
 
 
 def test_reader_artefact_key_changes_with_every_determining_field(tmp_path):

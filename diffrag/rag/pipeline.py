@@ -123,6 +123,10 @@ class GenerationSpec:
                                   # paired with the baseline; `diffrag.rag.spans`)
   span_first_tokens: int = 0      # > 0 (with span_decoding): also method "span_k<K>", the spans of the K best
                                   # first tokens rescored with that token committed (1 + K forward passes)
+  left_to_right: bool = False     # also answer with the baseline's sampler committing one token per forward
+                                  # pass from left to right (block_length 1, steps = gen_length, stop at EOS):
+                                  # method "l2r", paired with the baseline; every length decision is made with
+                                  # the answer so far committed
   batch_size: int = 8
   seed: int = 0
 
@@ -461,10 +465,26 @@ def methods_of(cfg: RagConfig) -> list[tuple[str, float | None]]:
     out.append((SPAN, None))
     if cfg.generation.span_first_tokens:
       out.append((f"{SPAN}_k{cfg.generation.span_first_tokens}", None))
+  if g.left_to_right:
+    out.append((L2R, None))
   return out
 
 
 SPAN = "span"  # the method name of extractive one-pass span decoding (span_k<K>: first-token rescoring)
+L2R = "l2r"    # the method name of the baseline sampler in left-to-right order (`left_to_right_kwargs`)
+
+
+def left_to_right_kwargs(gen_kw: dict) -> dict:
+  """The sampler settings of method "l2r": `gen_kw` with one position per block and one step
+  per position (each forward pass commits the leftmost masked position, so the sampler's
+  order is the chain rule p(x_0) p(x_1 | x_0) ...), and rows stop once they have committed
+  EOS (`stop_at_eos`: the text up to the first EOS is the same as without it)."""
+  return {**gen_kw, "block_length": 1, "steps": gen_kw["gen_length"], "stop_at_eos": True}
+
+
+def _is_alpha_method(name: str) -> bool:
+  """The baseline and SPREAD rows: the sampler at some alpha (what the alpha plot draws)."""
+  return name == "baseline" or name.startswith("spread_a")
 
 
 def _left_pad(rows, length, pad_id):
@@ -498,7 +518,8 @@ def _check(cfg: RagConfig, model_cfg) -> None:
   if model_cfg.causal:  # an autoregressive reader (Llama, Qwen2): DLM-only switches are errors
     dlm_only = {"spread.alphas": bool(cfg.spread.alphas), "generation.block_length": g.block_length is not None,
                 "generation.cache": g.cache != "none", "generation.threshold": g.threshold is not None,
-                "generation.stop_at_eos": g.stop_at_eos, "generation.span_decoding": g.span_decoding}
+                "generation.stop_at_eos": g.stop_at_eos, "generation.span_decoding": g.span_decoding,
+                "generation.left_to_right": g.left_to_right}
     bad = [k for k, on in dlm_only.items() if on]
     if bad:
       raise ValueError(f"{bad} apply to masked diffusion readers only: this {model_cfg.family} reader is "
@@ -560,7 +581,8 @@ PREDICTION_SPEC = "predictions.spec.json"
 # only adds predictions (more sampled questions, more sets, more alphas: keyed by set, method, id)
 _ADDS_OR_PLACES = (("data", "limit"), ("data", "also"), ("data", "cache_dir"), ("data", "data_dir"),
                    ("retrieval", "cache_dir"), ("reader", "store"), ("spread", "alphas"),
-                   ("generation", "span_decoding"), ("generation", "span_first_tokens"))
+                   ("generation", "span_decoding"), ("generation", "span_first_tokens"),
+                   ("generation", "left_to_right"))
 
 
 # the code a prediction is computed by (the reader's own training code is in its artefact key)
@@ -742,8 +764,9 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
                                                    transform=transforms[name], attention_mask=mask, stop_ids=stops,
                                                    pad_id=pad))
         else:
+          kw = left_to_right_kwargs(gen_kw) if name == L2R else gen_kw
           call = lambda: jax.device_get(generate(model, params, ids, transforms[name], key, attention_mask=mask,
-                                                 extras=extras, **gen_kw))
+                                                 extras=extras, **kw))
         if watches[name].timing.compile_seconds == 0.0:  # the first batch compiles: timed apart
           with watches[name].warmup():
             sample_ = call()
@@ -883,6 +906,7 @@ def _summarize(cfg: RagConfig, done: dict, report: dict, methods, timings: dict,
              "rsd": round(float(np.nanmean(q["rsd"])), 4) if np.isfinite(q["rsd"]).any() else "",
              "answer_in_prompt_%": round(100 * float(np.mean([r["answer_in_prompt"] for r in recs])), 1),
              "cut_short_%": round(float(q["cut_short"].mean()), 1),
+             "forward_passes": round(float(np.mean([r.get("forward_passes", np.nan) for r in recs])), 2),
              "eos_first_%": round(float(np.nanmean(q["eos_first"])), 1) if np.isfinite(q["eos_first"]).any() else ""}
       if base is not None and name != "baseline":
         for key in ("f1", "precision", "em"):
@@ -933,11 +957,11 @@ def _plots(out: Path, curves: dict, rows: list[dict]) -> None:
     ax.set_ylabel("cos(query, committed answer)")
     ax.set_title("semantic drift (mean over questions)")
     save_figure(fig, out / "drift.png", legend_size=7)
-  if len([r for r in rows if not r["method"].startswith(SPAN)]) > 1:
+  if len([r for r in rows if _is_alpha_method(r["method"])]) > 1:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for set_name in dict.fromkeys(r["dataset"] for r in rows):
       pts = sorted(((r["alpha"], r["f1"], r) for r in rows
-                    if r["dataset"] == set_name and not r["method"].startswith(SPAN)),
+                    if r["dataset"] == set_name and _is_alpha_method(r["method"])),
                    key=lambda x: x[:2])
       xs = [p[0] for p in pts]
       ys = [p[1] for p in pts]

@@ -34,7 +34,7 @@ def cmd_demo(args) -> int:
           f"{cfg.retrieval.k}); answers of {cfg.generation.gen_length} tokens in {cfg.generation.steps} steps; "
           f"SPREAD alphas {cfg.spread.alphas}")
     summary = run_rag(cfg)
-    tables.append(f"RAG: the baseline sampler vs SPREAD and span decoding, as configured (outputs in "
+    tables.append(f"RAG: the baseline sampler vs SPREAD, span and left-to-right decoding, as configured (outputs in "
                   f"{cfg.out_dir}/). {rag_caption(summary)}\n\n" + summary["table"])
   if args.only in (None, "gr"):
     cfg = config_lib.load(GRConfig, CONFIGS / "gr_minilm_scifact.yaml",
@@ -162,7 +162,8 @@ def rag_caption(summary: dict) -> str:
                f"{b['train_s']} s. EM/F1/precision in %, F1 and precision with 95% bootstrap intervals; d_* = "
                "difference to the baseline on the same questions [95% paired bootstrap interval], * = significant "
                "(interval excludes 0), p_* = paired randomization test; RSD = relative drop of cos(question, "
-               "answer so far) from its peak to the end (lower is better); s_per_q excludes compilation (compile_s).")
+               "answer so far) from its peak to the end (lower is better); forward_passes = mean per question (per batch "
+               "for l2r, which stops once every row has its EOS); s_per_q excludes compilation (compile_s).")
   return " ".join(parts)
 
 

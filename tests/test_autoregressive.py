@@ -145,6 +145,8 @@ def test_rag_with_an_ar_reader(ar_checkpoint, tmp_path):
   assert rec["commit_step"][:n] == list(range(n)) and len(rec["drift_curve"]) == rec["forward_passes"]
   with pytest.raises(ValueError, match="masked diffusion readers only"):
     run_rag(config_lib.load(RagConfig, None, over + ["spread.alphas=[0.5]"]), progress=False)
+  with pytest.raises(ValueError, match=r"generation.left_to_right.*masked diffusion readers only"):
+    run_rag(config_lib.load(RagConfig, None, over + ["generation.left_to_right=true"]), progress=False)
 
 
 def test_gr_with_an_ar_checkpoint_trains_and_decodes_the_ar_row(ar_checkpoint, tmp_path):

@@ -678,10 +678,15 @@ def test_decoding_sweep_pairs_every_setting_with_the_exact_sampler(tmp_path):
   from diffrag.rag import parallel as mod
   _squad_files(tmp_path / "data")
   over = _rag_overrides(tmp_path) + ["reader.train_data=squad_v1:train", "data.dataset=squad_v1:dev"]
-  settings = {k: mod.DECODING[k] for k in ("exact", "threshold0.5", "threshold0.9", "threshold0.9+dual")}
-  rows = mod.decoding_sweep(None, over, tmp_path / "abl", settings)
+  settings = {k: mod.DECODING[k] for k in ("exact", "threshold0.5", "threshold0.9", "threshold0.9+dual",
+                                           "left_to_right")}
+  rows = mod.decoding_sweep(None, over + ["generation.left_to_right=true"], tmp_path / "abl", settings)
   # the copy-head reader has no KV cache (its pointer needs the prompt in every forward): said, left out
-  assert [r["decoding"] for r in rows] == ["exact", "threshold0.5", "threshold0.9"] and all(r["n"] == 3 for r in rows)
+  assert [r["decoding"] for r in rows] == ["exact", "threshold0.5", "threshold0.9", "left_to_right"]
+  assert all(r["n"] == 3 for r in rows)
+  # only the baseline sampler runs in a sweep's settings, whatever the config adds
+  assert {json.loads(x)["method"] for x in (tmp_path / "abl" / "decoding" / "exact" / "predictions.jsonl")
+          .read_text().splitlines()} == {"baseline"}
   exact = rows[0]
   assert exact["speedup"] == 1.0 and exact["d_f1"] == "" and exact["forward_passes"] == 8
   for r in rows[1:]:

@@ -4,8 +4,9 @@ Each setting runs `run_rag` on the same reader, prompts and questions with the b
 sampler only (no SPREAD, no drift) and `generation.steps` = the canvas length. Every row is
 paired with the first setting (exact: one token per step, no cache) on the questions both
 answered: d_f1 and d_em with their 95% bootstrap interval, randomization p and n, generated
-tokens per second (compilation excluded), its ratio to exact and the mean number of forward
-passes.
+tokens per second (compilation excluded; the canvas's tokens, EOS padding included, so that
+every row counts the same tokens), its ratio to exact and the mean number of forward passes.
+The baseline sampler is the only method run (SPREAD, span and l2r rows are switched off).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ DECODING = {
     "threshold0.5": ["generation.threshold=0.5"],
     "threshold0.9+prefix": ["generation.threshold=0.9", "generation.cache=prefix"],
     "threshold0.9+dual": ["generation.threshold=0.9", "generation.cache=dual"],
+    # one position per block, stopping once every row has its EOS (`pipeline.left_to_right_kwargs`)
+    "left_to_right": ["generation.block_length=1", "generation.stop_at_eos=true"],
 }
 DECODING_COLUMNS = ("dataset", "decoding", "n", "f1", "f1_ci", "d_f1", "p_f1", "em", "d_em", "p_em", "answer_words",
                     "tokens_per_s", "speedup", "forward_passes", "s_per_q")
@@ -63,7 +66,8 @@ def decoding_sweep(config: str | None, overrides: list[str], out: Path, settings
   rows, manifests, runs = [], [], {}
   for name, over in settings.items():
     cfg = config_lib.load(RagConfig, config, list(overrides) + one_per_step + over + [
-        "spread.alphas=[]", "drift=false", f"out_dir={out}/decoding/{name}"])
+        "spread.alphas=[]", "drift=false", "generation.span_decoding=false", "generation.span_first_tokens=0",
+        "generation.left_to_right=false", f"out_dir={out}/decoding/{name}"])
     summary = run_rag(cfg)
     runs[name] = (_scores(Path(cfg.out_dir)), {r["dataset"]: r for r in summary["methods"]}, cfg.generation)
     manifests.append(f"{cfg.out_dir}/manifest.json")

@@ -57,7 +57,10 @@ def main() -> None:
   key, values = SWEEPS[args.sweep]
   rows, manifests = [], []
   for value in values:
-    over = list(args.overrides) + [f"{key}={value}", f"out_dir={args.out}/{args.sweep}/{value}"]
+    # SPREAD's sweeps compare sampler rows: the config's span / l2r rows (which would repeat unchanged in
+    # every value) are off unless the command line turns them on again
+    over = ["generation.span_decoding=false", "generation.span_first_tokens=0", "generation.left_to_right=false"] + \
+        list(args.overrides) + [f"{key}={value}", f"out_dir={args.out}/{args.sweep}/{value}"]
     if args.sweep != "alpha":
       over.append(f"spread.alphas=[{args.alpha}]")
     cfg = config_lib.load(RagConfig, args.config, over)

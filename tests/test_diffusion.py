@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from diffrag.diffusion import schedule as schedules
-from diffrag.diffusion.objective import (forward_process, masked_nll, mc_log_likelihood, sample_times,
-                                         stratified_mask_counts)
+from diffrag.diffusion.objective import (diffusion_loss, forward_process, masked_nll, mc_log_likelihood,
+                                         prefix_process, sample_times, stratified_mask_counts)
 
 
 def _np_log_softmax(x):
@@ -47,6 +47,57 @@ def test_forward_process_rates_and_prompt():
   rates = np.asarray(is_masked[:, 100:].mean(-1))
   np.testing.assert_allclose(rates, [0.2, 0.8], atol=0.04)
   np.testing.assert_array_equal(np.asarray(xt)[np.asarray(is_masked)], 99)
+
+
+def test_prefix_process_keeps_a_clean_prefix_up_to_the_first_eos():
+  """Left-to-right corruption: a clean prefix of the response, everything after it masked, the
+  prefix length uniform over 0..(rank of the first EOS); prompts never masked."""
+  eos, mask = 7, 99
+  # 3 prompt tokens, then a response: row 0 "a b EOS EOS EOS", row 1 no EOS at all, row 2 nothing maskable
+  x0 = jnp.array([[1, 2, 3, 10, 11, 7, 7, 7], [1, 2, 3, 10, 11, 12, 13, 14], [1, 2, 3, 4, 5, 6, 7, 8]], jnp.int32)
+  maskable = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]] * 2 + [[0] * 8], bool)
+  draw = jax.jit(jax.vmap(lambda k: prefix_process(k, x0, maskable, mask, eos)))
+  xt, is_masked = (np.asarray(a) for a in draw(jax.random.split(jax.random.key(0), 3000)))
+  assert not is_masked[:, :, :3].any() and not is_masked[:, 2].any()
+  np.testing.assert_array_equal(xt[is_masked], mask)
+  np.testing.assert_array_equal(xt[~is_masked], np.broadcast_to(np.asarray(x0), xt.shape)[~is_masked])
+  resp = is_masked[:, :2, 3:]
+  assert (np.diff(resp.astype(int), axis=-1) >= 0).all()          # once masked, masked to the end
+  k = 5 - resp.sum(-1)                                              # clean prefix length per draw
+  assert set(k[:, 0]) == {0, 1, 2}                                 # the answer "a b", then its EOS
+  assert set(k[:, 1]) == {0, 1, 2, 3, 4}                           # no EOS: any prefix leaving one masked
+  np.testing.assert_allclose(np.bincount(k[:, 0]) / len(k), 1 / 3, atol=0.04)
+  # without an eos_id every rank can start the masked suffix
+  _, m = prefix_process(jax.random.key(1), x0, maskable, mask)
+  assert int(np.asarray(m)[0].sum()) >= 1
+
+
+def test_prefix_share_mixes_rows_and_zero_is_the_iid_draw():
+  """prefix_share=0 is the i.i.d. draw bit for bit; 1 corrupts every row left to right with
+  weight 1; a share outside [0, 1] is an error."""
+  rng = np.random.default_rng(0)
+  x0 = jnp.asarray(rng.integers(0, 20, (64, 12)), jnp.int32).at[:, 9:].set(7)
+  maskable = jnp.zeros((64, 12), bool).at[:, 4:].set(True)
+  logits = jnp.asarray(rng.normal(size=(64, 12, 20)), jnp.float32)
+  seen = {}
+
+  def logits_fn(xt):
+    seen["xt"] = xt
+    return logits
+
+  sched = schedules.get("linear", 1e-3)
+  ref = diffusion_loss(logits_fn, jax.random.key(4), x0, maskable, 99, sched)
+  zero = diffusion_loss(logits_fn, jax.random.key(4), x0, maskable, 99, sched, prefix_share=0.0, eos_id=7)
+  assert float(ref[0]) == float(zero[0])
+  loss, aux = diffusion_loss(logits_fn, jax.random.key(4), x0, maskable, 99, sched, prefix_share=1.0, eos_id=7)
+  masked = np.asarray(seen["xt"]) == 99
+  resp = masked[:, 4:]
+  assert (np.diff(resp.astype(int), axis=-1) >= 0).all() and resp[:, -3:].all()  # the EOS tail always masked
+  nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(x0)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(float(loss), np.mean((nll * masked).sum(-1) / 8), rtol=1e-5)  # weight 1, not 1/t
+  assert int(aux["masked_tokens"]) == masked.sum()
+  with pytest.raises(ValueError, match="prefix_share=1.5"):
+    diffusion_loss(logits_fn, jax.random.key(4), x0, maskable, 99, sched, prefix_share=1.5)
 
 
 def test_antithetic_times_are_stratified():

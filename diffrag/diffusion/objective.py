@@ -35,6 +35,32 @@ def forward_process(key: jax.Array, x0: jax.Array, p_mask: jax.Array, maskable: 
   return jnp.where(is_masked, mask_id, x0), is_masked
 
 
+def prefix_process(key: jax.Array, x0: jax.Array, maskable: jax.Array, mask_id: int,
+                   eos_id: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Left-to-right corruption: the states of decoding one token per pass from the left.
+
+  Per row, r_bi = rank of position i among row b's maskable positions (0, 1, ...), c_b = the
+  rank of its first maskable EOS (`eos_id`; the last rank when there is none or no eos_id),
+  k_b ~ U{0, ..., c_b}, and
+    is_masked_bi = maskable_bi & (r_bi >= k_b):
+  the first k_b maskable tokens stay clean, everything after them is masked, so the row asks
+  for token k_b given the response so far (k_b = c_b: the answer is complete, predict its
+  EOS). Positions past the first EOS are never the first masked one (their prediction is
+  the padding the decoder stops at). x0, maskable: [B, L]. Returns (x_t [B, L], is_masked [B, L] bool).
+  """
+  maskable = maskable.astype(bool)
+  rank = jnp.cumsum(maskable, axis=-1) - 1                                         # [B, L]
+  n = jnp.sum(maskable, axis=-1)                                                   # [B]
+  last = jnp.maximum(n - 1, 0)
+  if eos_id is None:
+    c = last
+  else:
+    c = jnp.minimum(jnp.min(jnp.where(maskable & (x0 == eos_id), rank, n[:, None]), axis=-1), last)
+  k = jnp.floor(jax.random.uniform(key, n.shape) * (c + 1).astype(jnp.float32)).astype(rank.dtype)
+  is_masked = maskable & (rank >= jnp.minimum(k, c)[:, None])
+  return jnp.where(is_masked, mask_id, x0), is_masked
+
+
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """-log p(x_0^i | x_t) per position, float32: logits [B, L, V], targets [B, L] -> [B, L]."""
   return token_nll_and_hit(logits, targets)[0]
@@ -181,7 +207,7 @@ def gather_masked(out: Projected, targets: jax.Array, is_masked: jax.Array, budg
 
 def diffusion_loss(logits_fn, key: jax.Array, x0: jax.Array, maskable: jax.Array, mask_id: int,
                    schedule: MaskingSchedule, antithetic: bool = False, window: tuple[int, int] | None = None,
-                   vocab_tile: int = 0, loss_tokens: int = 0):
+                   vocab_tile: int = 0, loss_tokens: int = 0, prefix_share: float = 0.0, eos_id: int | None = None):
   """One Monte-Carlo draw of the ELBO loss: sample t, corrupt, predict, weight.
 
   logits_fn: x_t [B, L] -> logits [B, L, V] or `Projected` (with `window=(start, n)`: of
@@ -192,18 +218,33 @@ def diffusion_loss(logits_fn, key: jax.Array, x0: jax.Array, maskable: jax.Array
   batch's masked positions only, gathered into a static budget of `loss_tokens` slots
   (`gather_masked`); a draw with more masked tokens than that takes the full path instead
   (lax.cond), so the loss and its gradients are those of loss_tokens=0 in every draw.
+  prefix_share > 0: each row is corrupted left to right (`prefix_process`, with `eos_id`)
+  instead, with that probability (a Bernoulli draw per row), and its masked tokens count
+  once (weight 1: such a row is no ELBO draw; with the flat weighting every row counts so).
+  At 0 the draw (keys included) is the i.i.d. one above.
   Returns (loss, aux) with aux holding the masked-token accuracy and counts for logging
   (aux["overflow"]: 1 when the draw did not fit the budget).
   """
+  if not 0.0 <= prefix_share <= 1.0:
+    raise ValueError(f"prefix_share={prefix_share}; expected a share of rows in [0, 1]")
   key_t, key_m = jax.random.split(key)
   t = sample_times(key_t, x0.shape[0], antithetic)
   p_mask = schedule.mask_prob(t)
-  xt, is_masked = forward_process(key_m, x0, p_mask, maskable, mask_id)
+  weight = schedule.weight(t)
+  if prefix_share > 0:
+    key_m, key_p, key_s = jax.random.split(key_m, 3)
+    _, iid = forward_process(key_m, x0, p_mask, maskable, mask_id)
+    _, pre = prefix_process(key_p, x0, maskable, mask_id, eos_id)
+    use = jax.random.uniform(key_s, (x0.shape[0],)) < prefix_share                  # [B]
+    is_masked = jnp.where(use[:, None], pre, iid)
+    xt = jnp.where(is_masked, mask_id, x0)
+    weight = jnp.where(use, 1.0, weight)
+  else:
+    xt, is_masked = forward_process(key_m, x0, p_mask, maskable, mask_id)
   out = logits_fn(xt)
   if window is not None:
     start, n = window
     x0, is_masked, maskable = (a[:, start:start + n] for a in (x0, is_masked, maskable))
-  weight = schedule.weight(t)
 
   def full():
     nll, hit = nll_and_hit(out, x0, vocab_tile)

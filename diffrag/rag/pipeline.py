@@ -99,6 +99,8 @@ class ReaderSpec:
   dropout: float = 0.0            # hidden dropout while training (`ModelConfig.dropout`; BERT pretrained with 0.1)
   schedule: str = "linear"        # masking schedule of training: linear | cosine | polyK (poly0.5 masks more)
   weighting: str = "elbo"         # loss weight: elbo (the 1/t-weighted bound) | flat (every masked token once)
+  prefix_share: float = 0.0       # share of training prompts whose answer is masked left to right (a clean prefix of
+                                  # k ~ U{0..answer length} tokens, the rest masked: the states `l2r` decodes through)
   bucket: int = 32                # prompts are bucketed by length in steps of this many tokens
   seed: int = 0
   store: str = "outputs/artefacts"
@@ -350,7 +352,7 @@ def reader_request(cfg: RagConfig, train, train_info: dict, spec: PromptSpec) ->
                      optim=OptimConfig(lr=rd.lr, warmup_steps=rd.warmup_steps, schedule="cosine", weight_decay=0.01),
                      train=LoopSpec(steps=rd.train_steps, batch_size=rd.batch_size, seed=rd.seed, log_every=25,
                                     checkpoint_every=max(50, rd.train_steps // 6), export=True, loss_window=[-g, g],
-                                    schedule=rd.schedule, weighting=rd.weighting),
+                                    schedule=rd.schedule, weighting=rd.weighting, prefix_share=rd.prefix_share),
                      mesh=MeshSpec(data=1))
   flat = np.concatenate([np.asarray(p + [-1] + a + [-2], np.int64) for p, a in pairs])
   art_spec = {"recipe": RECIPE, "init": "all-MiniLM-L6-v2", "tokenizer": "all-MiniLM-L6-v2",

@@ -80,6 +80,9 @@ class LoopSpec:
   remat: str = "none"              # rematerialisation of each layer: none | full | dots_saveable | ...
   loss_tokens: int = 0             # > 0: the output layer on the masked positions only, in this many slots per micro-batch
   layer_loop: str = "auto"         # scan | unroll | auto (unroll on CPU, where it is ~9% faster; scan elsewhere)
+  prefix_share: float = 0.0        # share of rows corrupted left to right (a clean prefix, the rest masked: the
+                                   # states of one-token-per-pass decoding) instead of i.i.d.; the model's EOS ends
+                                   # a response (objective.prefix_process)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +169,8 @@ def compile_step(model: MaskedDiffusionTransformer, params: dict, cfg: TrainConf
                                      micro_batches=cfg.train.micro_batches, antithetic=cfg.train.antithetic,
                                      loss_window=window, objective=cfg.train.objective,
                                      vocab_tile=cfg.train.vocab_tile, output_ids=output_ids,
-                                     loss_tokens=cfg.train.loss_tokens, dropout=model.config.dropout > 0)
+                                     loss_tokens=cfg.train.loss_tokens, dropout=model.config.dropout > 0,
+                                     prefix_share=cfg.train.prefix_share, eos_id=model.config.eos_token_id)
   jitted = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, mesh_lib.replicated(mesh)),
                    out_shardings=(state_sharding, mesh_lib.replicated(mesh)), donate_argnums=0)
 

@@ -153,7 +153,8 @@ def model_apply_fn(model) -> Callable:
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim: OptimConfig, *, mask_id: int,
                     schedule: schedules.MaskingSchedule, micro_batches: int = 1, antithetic: bool = False,
                     loss_window: tuple[int, int] | None = None, objective: str = "diffusion", vocab_tile: int = 0,
-                    output_ids=None, loss_tokens: int = 0, dropout: bool = False):
+                    output_ids=None, loss_tokens: int = 0, dropout: bool = False, prefix_share: float = 0.0,
+                    eos_id: int | None = None):
   """Returns step(state, batch, key) -> (state, metrics); jit it once.
 
   apply_fn(params, tokens [B, L], window=None, attention_mask=None) -> logits [B, L, V], or
@@ -174,7 +175,9 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
   (masked-NLL ELBO) or "ar" (next-token CE of a causal, shifted-logit model: the
   autoregressive baseline). dropout: the forward runs with the model's dropout on, its key
   split off the step's key (apply_fn must accept dropout_key=, as `model_apply_fn`'s does;
-  without dropout the key stream is the same as ever). The batch is split into
+  without dropout the key stream is the same as ever). prefix_share (diffusion objective):
+  the share of rows corrupted left to right instead of i.i.d. (`objective.prefix_process`;
+  `eos_id` ends a response's content). The batch is split into
   `micro_batches` equal slices whose gradients are averaged (lax.scan), then one update.
   """
 
@@ -199,13 +202,16 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, optim:
     if objective == "ar":
       return ar_loss(logits_fn, key, tokens, maskable, window, vocab_tile)
     return diffusion_loss(logits_fn, key, tokens, maskable, mask_id, schedule, antithetic, window, vocab_tile,
-                          loss_tokens)
+                          loss_tokens, prefix_share, eos_id)
 
   if objective not in ("diffusion", "ar"):
     raise ValueError(f"objective={objective!r}; expected 'diffusion' or 'ar'")
   if loss_tokens < 0 or (loss_tokens > 0 and objective != "diffusion"):
     raise ValueError(f"loss_tokens={loss_tokens}: a gathering budget applies to the diffusion objective only and "
                      "must be >= 0 (0: the output layer on every position)")
+  if not 0.0 <= prefix_share <= 1.0 or (prefix_share > 0 and objective != "diffusion"):
+    raise ValueError(f"prefix_share={prefix_share}: a share of rows in [0, 1] corrupted left to right, for the "
+                     "diffusion objective only")
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, batch: dict, key: jax.Array):

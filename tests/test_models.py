@@ -343,9 +343,7 @@ def test_copy_head_points_only_at_the_context_and_round_trips(tmp_path):
 
 @pytest.mark.parametrize("name,overrides", [("tiny-llada", dict(num_kv_heads=2)), ("tiny-bert", {}),
                                             ("tiny-llada", dict(causal=True))])
-def test_batch_chunked_attention_equals_xla_in_outputs_and_gradients(monkeypatch, name, overrides):
-  from diffrag.models import transformer
-  monkeypatch.setattr(transformer, "CPU_ATTENTION_CHUNK_BYTES", 1)  # one sequence per chunk
+def test_heads_major_attention_equals_xla_in_outputs_and_gradients(name, overrides):
   cfg = preset(name, **overrides)
   params = init_params(cfg, jax.random.key(0))
   ids = _ids(batch=4, length=12, vocab=cfg.vocab_size)
@@ -359,39 +357,41 @@ def test_batch_chunked_attention_equals_xla_in_outputs_and_gradients(monkeypatch
     return jnp.sum(jnp.where(mask[..., None] > 0, logits, 0.0) ** 2) / 1e3, logits
 
   (l_x, logits_x), g_x = jax.value_and_grad(loss, has_aux=True)(params, "xla")
-  (l_c, logits_c), g_c = jax.value_and_grad(loss, has_aux=True)(params, "chunked")
-  np.testing.assert_allclose(np.asarray(logits_c), np.asarray(logits_x), atol=1e-6)
-  assert abs(float(l_c) - float(l_x)) <= 1e-6 * max(1.0, abs(float(l_x)))
-  for a, b in zip(jax.tree_util.tree_leaves(g_c), jax.tree_util.tree_leaves(g_x)):
+  (l_h, logits_h), g_h = jax.value_and_grad(loss, has_aux=True)(params, "heads_major")
+  np.testing.assert_allclose(np.asarray(logits_h), np.asarray(logits_x), atol=1e-5)
+  assert abs(float(l_h) - float(l_x)) <= 1e-6 * max(1.0, abs(float(l_x)))
+  for a, b in zip(jax.tree_util.tree_leaves(g_h), jax.tree_util.tree_leaves(g_x)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 
-def test_batch_chunked_attention_with_a_kv_cache_window(monkeypatch):
+def test_heads_major_attention_with_a_kv_cache_window_and_a_fully_masked_row():
   from diffrag.models import KVCache, transformer
-  monkeypatch.setattr(transformer, "CPU_ATTENTION_CHUNK_BYTES", 1)
   cfg = preset("tiny-llada")
   params = init_params(cfg, jax.random.key(1))
   ids = _ids(batch=2, length=16, vocab=cfg.vocab_size)
   out = {}
-  for impl in ("xla", "chunked"):
+  for impl in ("xla", "heads_major"):
     model = MaskedDiffusionTransformer(cfg.replace(attention_impl=impl))
     _, kv = model.apply({"params": params}, ids[:, :10], return_cache=True)
     valid = jnp.ones((2, 10), bool).at[0, :3].set(False)
     out[impl] = model.apply({"params": params}, ids[:, 10:], cache=KVCache(kv.k, kv.v, valid),
                             positions=jnp.broadcast_to(jnp.arange(10, 16), (2, 6)))
-  np.testing.assert_allclose(np.asarray(out["chunked"]), np.asarray(out["xla"]), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out["heads_major"]), np.asarray(out["xla"]), atol=1e-5)
+  # a query whose every key is masked gets the uniform average, as in jax's implementation
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32) for _ in range(3))
+  m = jnp.ones((2, 1, 5, 5), bool).at[1, :, 2, :].set(False)
+  want = jax.nn.dot_product_attention(q, k, v, mask=m, scale=0.3, implementation="xla")
+  np.testing.assert_allclose(np.asarray(transformer.heads_major_attention(q, k, v, m, 0.3, False)),
+                             np.asarray(want), atol=1e-6)
 
 
-def test_auto_attention_chunks_large_cpu_batches_only_without_a_sharded_mesh():
+def test_auto_attention_is_heads_major_on_a_one_device_cpu_run_only():
   from jax.sharding import Mesh
   from diffrag.models import transformer
   cfg = preset("tiny-bert")
-  big = jax.ShapeDtypeStruct((64, 256, 12, 32), jnp.float32)   # scores of 192 MiB
-  small = jax.ShapeDtypeStruct((8, 128, 12, 32), jnp.float32)  # 6 MiB
-  assert transformer._attention_impl(cfg, big, big, None) == "chunked"
-  assert transformer.attention_batch_chunk(64, 12, 256, 256) == 2
-  assert transformer._attention_impl(cfg, small, small, None) is None
-  assert transformer._attention_impl(cfg.replace(attention_impl="xla"), big, big, None) == "xla"
-  assert transformer.attention_batch_chunk(7, 12, 256, 256) == 1  # no divisor fits but 1
+  q = jax.ShapeDtypeStruct((64, 256, 12, 32), jnp.float32)
+  assert transformer._attention_impl(cfg, q, None) == "heads_major"
+  assert transformer._attention_impl(cfg.replace(attention_impl="xla"), q, None) == "xla"
   with jax.set_mesh(Mesh(np.array(jax.devices()[:2]), ("data",))):
-    assert transformer._attention_impl(cfg, big, big, None) is None
+    assert transformer._attention_impl(cfg, q, None) is None

@@ -19,7 +19,6 @@ mlp, vocab, kv_heads, layers`); `diffrag.parallel` maps them to mesh axes by a r
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn

@@ -403,6 +403,14 @@ def test_loss_tokens_rejects_what_it_cannot_do():
                              schedule=None, loss_tokens=-1)
 
 
+def test_prefix_share_rejects_what_it_cannot_do():
+  from diffrag.train import step as step_lib
+  import optax
+  for kw in (dict(objective="ar", prefix_share=0.5), dict(prefix_share=1.5), dict(prefix_share=-0.1)):
+    with pytest.raises(ValueError, match="prefix_share=.*diffusion objective only"):
+      step_lib.make_train_step(lambda *a, **k: None, optax.sgd(0.1), OptimConfig(), mask_id=0, schedule=None, **kw)
+
+
 def test_train_layer_loop_resolves_and_rejects_bad_names():
   from diffrag.models import MaskedDiffusionTransformer, init_params, preset
   from diffrag.parallel import mesh as mesh_lib

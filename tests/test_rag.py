@@ -1,6 +1,7 @@
 """RAG: QA metrics, retrieval, prompts, SPREAD as a transform, the pipeline end to end."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -397,6 +398,30 @@ def test_span_candidates_follow_words_and_skip_special_tokens():
   assert spans == {(2, 1), (2, 3), (3, 2), (3, 3), (5, 1), (5, 2), (6, 1)}
 
 
+def test_phrase_continuations_by_hand():
+  """Left-to-right phrase decoding: the tokens that continue the answer so far as a run of the
+  prompt, starting at a word start and ending at a word end, by hand."""
+  from diffrag.rag.spans import phrase_continuations
+  #        PAD CLS the play ##wright was the born SEP
+  prompt = [0, 1, 10, 11, 12, 13, 10, 14, 2]
+  ok = np.array([[False, False, True, True, True, True, True, True, False]])
+  starts = np.array([[True, True, True, True, False, True, True, True, True]])
+  p, g, mask_id = len(prompt), 4, 99
+
+  def allowed(answer):
+    canvas = np.array([prompt + answer + [mask_id] * (g - len(answer))])
+    nxt, end = phrase_continuations(jnp.asarray(canvas), p + len(answer), jnp.asarray(ok), jnp.asarray(starts), 20)
+    return set(np.nonzero(np.asarray(nxt)[0])[0].tolist()), bool(end[0])
+
+  assert allowed([]) == ({10, 11, 13, 14}, True)     # any word start ("##wright" is not one)
+  assert allowed([10]) == ({11, 14}, True)           # "the" is followed by "play" and by "born"
+  assert allowed([11]) == ({12}, False)              # "play" must go on to "##wright": no end mid-word
+  assert allowed([11, 12]) == ({13}, True)
+  assert allowed([10, 14]) == (set(), True)          # "the born" is followed by [SEP]: it can only end
+  assert allowed([13, 10, 14]) == (set(), True)
+  assert allowed([14, 10]) == (set(), False)         # not a phrase of the prompt: nothing continues it
+
+
 def test_span_decode_is_the_best_span_by_hand():
   """One pass scores every candidate span by the summed log-probabilities (tokens then EOS) of
   the fully masked canvas: the arg max equals a brute-force enumeration."""
@@ -593,9 +618,9 @@ def test_a_tiny_reader_learns_to_read_held_out_articles(tmp_path):
           f"reader.store={tmp_path / 'store'}", "prompt.chat=false", "prompt.max_prompt_tokens=32",
           "generation.gen_length=4", "generation.steps=4", "generation.batch_size=8", "spread.alphas=[]",
           "generation.span_decoding=true", "generation.span_first_tokens=2", "generation.left_to_right=true",
-          "drift=false", f"out_dir={tmp_path / 'out'}"]
+          "generation.left_to_right_phrases=true", "drift=false", f"out_dir={tmp_path / 'out'}"]
   summary = run_rag(config_lib.load(RagConfig, None, over), progress=False)
-  row, span, span_k, l2r = summary["methods"]
+  row, span, span_k, l2r, phrase = summary["methods"]
   assert summary["sets"]["squad_v1:dev"]["leakage"]["contexts_shared"] == 0 and row["n"] == 16
   # a random word of the 10-word passage scores EM 10%: the reader must do much better, and so
   # must one-pass span decoding of the same reader (paired with the sampler, one forward pass)
@@ -611,6 +636,14 @@ def test_a_tiny_reader_learns_to_read_held_out_articles(tmp_path):
   for x in (x for x in preds if x["method"] == "l2r"):
     ran = sum(s >= 0 for s in x["commit_step"])  # positions after the EOS are filled without a pass (-1)
     assert x["commit_step"] == list(range(ran)) + [-1] * (4 - ran) and 1 <= x["forward_passes"] <= 4, x
+  # phrase-constrained l2r: every answer is a run of whole words of its prompt (or empty: EOS first)
+  assert phrase["method"] == "l2r_phrase" and phrase["n"] == 16 and phrase["em"] >= 40 and "[" in phrase["d_f1"]
+  phrases = [x for x in preds if x["method"] == "l2r_phrase"]
+  assert len(phrases) == 16 and all(1 <= x["forward_passes"] <= 4 for x in phrases)
+  norm = lambda t: " " + " ".join(re.sub(r"[^\w\s]", " ", t.lower()).split()) + " "
+  for x in phrases:  # the prompt: title, passage, "Question: <q>", "Answer:"
+    prompts = [norm(f"D{i} {c} question {x['question']} answer") for i, (c, _) in enumerate(dev)]
+    assert not x["prediction"].strip() or any(norm(x["prediction"]) in p for p in prompts), x
 
 
 def test_reader_artefact_key_changes_with_every_determining_field(tmp_path):

@@ -41,7 +41,7 @@ from diffrag.experiment.store import ArtefactStore, spec_diff
 from diffrag.experiment.timing import Stopwatch
 from diffrag.rag import metrics as M
 from diffrag.rag.prompts import PromptSpec, build_prompt
-from diffrag.rag.spans import span_candidates, span_decode, word_starts
+from diffrag.rag.spans import phrase_continuations, span_candidates, span_decode, word_starts
 from diffrag.rag.spread import DREAM_HIDDEN, query_representation, spread, unit_entropy
 from diffrag.report import pyplot, save_figure, write_table
 from diffrag.sampling import transforms as T
@@ -129,6 +129,9 @@ class GenerationSpec:
                                   # pass from left to right (block_length 1, steps = gen_length, stop at EOS):
                                   # method "l2r", paired with the baseline; every length decision is made with
                                   # the answer so far committed
+  left_to_right_phrases: bool = False  # also method "l2r_phrase": l2r whose every token keeps the answer a
+                                       # phrase of the prompt (it starts at a word start, continues a run of
+                                       # prompt tokens, ends at a word end: `spans.phrase_continuations`)
   batch_size: int = 8
   seed: int = 0
 
@@ -424,9 +427,24 @@ def _prompt_tokens(view):
   return view.extras["allowed_tokens"][:, None, :]
 
 
+def _phrase_tokens(eos_ids: tuple[int, ...]):
+  """allowed_fn of method l2r_phrase: [B, 1, V], the tokens that keep the answer a phrase of the
+  prompt (`phrase_continuations`; extras "phrase_ok" and "phrase_starts", [B, P]) and EOS where the
+  answer may end there. One position per window: the order is left to right."""
+  def fn(view):
+    if view.canvas.shape[1] != 1:
+      raise ValueError(f"phrase-constrained decoding commits one position at a time, left to right; this window "
+                       f"has {view.canvas.shape[1]} positions (use left_to_right_kwargs: block_length 1)")
+    nxt, end = phrase_continuations(view.extras["canvas"], view.extras["block_start"], view.extras["phrase_ok"],
+                                    view.extras["phrase_starts"], view.logits.shape[-1])
+    end = end | ~nxt.any(axis=1)  # a row with nothing left to copy (or past its EOS) can only end
+    return nxt.at[:, jnp.asarray(eos_ids)].set(end[:, None])[:, None, :]
+  return fn
+
+
 @functools.lru_cache(maxsize=None)
 def make_transform(gen: GenerationSpec, rule: str, alpha: float | None, pooling: str,
-                   extractive: bool = False) -> T.ScoreTransform:
+                   extractive: bool = False, phrase_eos: tuple[int, ...] = ()) -> T.ScoreTransform:
   """Baseline (alpha None) or SPREAD chain: [extractive], candidates, confidence, [spread], commit.
 
   Built once per setting (cached), so every call with the same setting passes the same
@@ -434,12 +452,16 @@ def make_transform(gen: GenerationSpec, rule: str, alpha: float | None, pooling:
   at the temperature, confidence from the clean logits, LLaDA's linear quota; "dream":
   logits / T, categorical (greedy at 0) candidates, confidence from the tempered logits
   (maskgit_plus), Dream's timestep quota with `eps`. extractive: only the tokens in
-  extras["allowed_tokens"] [B, V] (the prompt's words + EOS) can be committed.
+  extras["allowed_tokens"] [B, V] (the prompt's words + EOS) can be committed. phrase_eos (the
+  reader's EOS ids; left-to-right only): only tokens that keep the answer a phrase of the prompt
+  (`_phrase_tokens`).
   """
   conf = _CONFIDENCE.get(gen.confidence)
   if conf is None:
     raise ValueError(f"generation.confidence={gen.confidence!r}; expected one of {sorted(_CONFIDENCE)}")
   parts = [T.allowed_tokens(_prompt_tokens)] if extractive else []
+  if phrase_eos:
+    parts.append(T.allowed_tokens(_phrase_tokens(phrase_eos)))
   if rule == "llada":
     parts += [T.gumbel_max(gen.temperature, "float32") if gen.temperature > 0 else T.greedy(), conf()]
     quota = T.llada_quota
@@ -469,11 +491,14 @@ def methods_of(cfg: RagConfig) -> list[tuple[str, float | None]]:
       out.append((f"{SPAN}_k{cfg.generation.span_first_tokens}", None))
   if g.left_to_right:
     out.append((L2R, None))
+  if g.left_to_right_phrases:
+    out.append((L2R_PHRASE, None))
   return out
 
 
 SPAN = "span"  # the method name of extractive one-pass span decoding (span_k<K>: first-token rescoring)
 L2R = "l2r"    # the method name of the baseline sampler in left-to-right order (`left_to_right_kwargs`)
+L2R_PHRASE = "l2r_phrase"  # l2r constrained to phrases of the prompt (`_phrase_tokens`)
 
 
 def left_to_right_kwargs(gen_kw: dict) -> dict:
@@ -521,7 +546,8 @@ def _check(cfg: RagConfig, model_cfg) -> None:
     dlm_only = {"spread.alphas": bool(cfg.spread.alphas), "generation.block_length": g.block_length is not None,
                 "generation.cache": g.cache != "none", "generation.threshold": g.threshold is not None,
                 "generation.stop_at_eos": g.stop_at_eos, "generation.span_decoding": g.span_decoding,
-                "generation.left_to_right": g.left_to_right}
+                "generation.left_to_right": g.left_to_right,
+                "generation.left_to_right_phrases": g.left_to_right_phrases}
     bad = [k for k, on in dlm_only.items() if on]
     if bad:
       raise ValueError(f"{bad} apply to masked diffusion readers only: this {model_cfg.family} reader is "
@@ -584,7 +610,7 @@ PREDICTION_SPEC = "predictions.spec.json"
 _ADDS_OR_PLACES = (("data", "limit"), ("data", "also"), ("data", "cache_dir"), ("data", "data_dir"),
                    ("retrieval", "cache_dir"), ("reader", "store"), ("spread", "alphas"),
                    ("generation", "span_decoding"), ("generation", "span_first_tokens"),
-                   ("generation", "left_to_right"))
+                   ("generation", "left_to_right"), ("generation", "left_to_right_phrases"))
 
 
 # the code a prediction is computed by (the reader's own training code is in its artefact key)
@@ -721,11 +747,12 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
   qrep = _query_fn(model, cfg.spread.hidden_layer, cfg.spread.pooling, shift)
   extractive = cfg.reader.extractive and not cfg.reader.checkpoint
   causal = mcfg.causal
+  stops = stop_ids_of(cfg.reader.checkpoint, mcfg) if causal and cfg.reader.checkpoint else (eos,)
   transforms = {"baseline": ar_sampler(gen.temperature)} if causal else \
-      {n: make_transform(gen, rule, a, cfg.spread.pooling, extractive) for n, a in methods if not n.startswith(SPAN)}
+      {n: make_transform(gen, rule, a, cfg.spread.pooling, extractive, tuple(stops) if n == L2R_PHRASE else ())
+       for n, a in methods if not n.startswith(SPAN)}
   special = np.zeros(len(tok), bool)
   special[[i for i in tok.all_special_ids if i < len(tok)]] = True
-  stops = stop_ids_of(cfg.reader.checkpoint, mcfg) if causal and cfg.reader.checkpoint else (eos,)
   watches = {n: Stopwatch() for n, _ in methods}
   bs = gen.batch_size
   gen_kw = dict(gen_length=gen.gen_length, steps=gen.steps, block_length=gen.block_length, stop_at_eos=gen.stop_at_eos,
@@ -752,11 +779,13 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
       if cfg.spread.pooling == "max_token":
         extras["query_mask"] = jnp.asarray(q_mask)
       key = jax.random.key(gen.seed + start)
-      if any(n.startswith(SPAN) for n, _ in todo):
+      if any(n.startswith(SPAN) or n == L2R_PHRASE for n, _ in todo):
         starts = np.zeros(ids.shape, bool)
         for i, b in enumerate(built):
           starts[i, ids.shape[1] - len(b.ids):] = word_starts(tok.convert_ids_to_tokens(b.ids))
         valid = span_candidates(ids, mask, starts, special[ids], gen.gen_length - 1)
+        phrase_extras = {**extras, "phrase_ok": jnp.asarray(mask.astype(bool) & ~special[ids]),
+                         "phrase_starts": jnp.asarray(starts)}
       for name, _ in todo:
         if name.startswith(SPAN):
           k = 0 if name == SPAN else gen.span_first_tokens
@@ -766,9 +795,9 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
                                                    transform=transforms[name], attention_mask=mask, stop_ids=stops,
                                                    pad_id=pad))
         else:
-          kw = left_to_right_kwargs(gen_kw) if name == L2R else gen_kw
+          kw = left_to_right_kwargs(gen_kw) if name in (L2R, L2R_PHRASE) else gen_kw
           call = lambda: jax.device_get(generate(model, params, ids, transforms[name], key, attention_mask=mask,
-                                                 extras=extras, **kw))
+                                                 extras=phrase_extras if name == L2R_PHRASE else extras, **kw))
         if watches[name].timing.compile_seconds == 0.0:  # the first batch compiles: timed apart
           with watches[name].warmup():
             sample_ = call()

@@ -158,3 +158,38 @@ def span_decode(model, params, ids, mask, valid, eos_id: int, first_tokens: int 
   canvas = jnp.where(none, eos_id, canvas)
   return Sample(tokens=jnp.concatenate([ids, canvas], 1), commit_step=jnp.zeros(canvas.shape, jnp.int32),
                 logprob=jnp.where(none, 0.0, logprob), num_forward=jnp.asarray(1 + int(first_tokens), jnp.int32))
+
+
+def phrase_continuations(canvas, block_start, ok, starts, vocab_size: int):
+  """The tokens that keep a left-to-right answer a phrase of its prompt, and whether it may end now.
+
+  canvas: [B, P + G] (the left-padded prompt, then the answer canvas); block_start: the canvas
+  position about to be committed, P + k with the answer's first k tokens a_0 .. a_{k-1} already
+  committed; ok: [B, P] real, non-special prompt tokens; starts: [B, P] word starts. With x the
+  prompt, the prefix a_{<k} *precedes* prompt position j when x_{j-k} .. x_{j-1} = a_0 .. a_{k-1}
+  (k = 0: every j). Then
+
+      next[b, v] = exists j: prefix precedes j, ok_j, x_j = v, and (k > 0 or x_j starts a word)
+      end[b]     = k == 0 or exists j <= P: prefix precedes j and (j = P or x_j starts a word
+                   or not ok_j)
+
+  so a committed answer is always a contiguous run of real prompt tokens that starts at a word
+  start, and it can stop only at a word end (`span_candidates`' rule, decoded one token at a time).
+  Returns (next [B, V] bool, end [B] bool).
+  """
+  b, p = ok.shape
+  g = canvas.shape[1] - p
+  x = jnp.concatenate([canvas[:, :p], jnp.full((b, 1), -1, canvas.dtype)], 1)      # [B, P + 1]: j = P past the end
+  ok1 = jnp.concatenate([ok, jnp.zeros((b, 1), bool)], 1)
+  starts1 = jnp.concatenate([starts, jnp.zeros((b, 1), bool)], 1)
+  answer = canvas[:, p:]                                                          # [B, G]
+  k = block_start - p
+  precedes = jnp.ones((b, p + 1), bool)
+  for d in range(1, g + 1):  # the prefix's token a_{k-d} sits at x_{j-d}
+    before = jnp.concatenate([jnp.full((b, d), -2, x.dtype), x[:, :p + 1 - d]], 1)  # x_{j-d} (-2 before the prompt)
+    a = jnp.take(answer, jnp.clip(k - d, 0, g - 1), axis=1)                        # [B]
+    precedes &= (d > k) | (before == a[:, None])
+  nxt = precedes & ok1 & ((k > 0) | starts1)
+  allowed = jnp.zeros((b, vocab_size), bool).at[jnp.arange(b)[:, None], jnp.maximum(x, 0)].max(nxt)
+  end = (k == 0) | jnp.any(precedes & (starts1 | ~ok1), axis=1)
+  return allowed, end

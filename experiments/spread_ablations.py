@@ -59,7 +59,8 @@ def main() -> None:
   for value in values:
     # SPREAD's sweeps compare sampler rows: the config's span / l2r rows (which would repeat unchanged in
     # every value) are off unless the command line turns them on again
-    over = ["generation.span_decoding=false", "generation.span_first_tokens=0", "generation.left_to_right=false"] + \
+    over = ["generation.span_decoding=false", "generation.span_first_tokens=0", "generation.left_to_right=false",
+            "generation.left_to_right_phrases=false"] + \
         list(args.overrides) + [f"{key}={value}", f"out_dir={args.out}/{args.sweep}/{value}"]
     if args.sweep != "alpha":
       over.append(f"spread.alphas=[{args.alpha}]")

@@ -67,7 +67,7 @@ def decoding_sweep(config: str | None, overrides: list[str], out: Path, settings
   for name, over in settings.items():
     cfg = config_lib.load(RagConfig, config, list(overrides) + one_per_step + over + [
         "spread.alphas=[]", "drift=false", "generation.span_decoding=false", "generation.span_first_tokens=0",
-        "generation.left_to_right=false", f"out_dir={out}/decoding/{name}"])
+        "generation.left_to_right=false", "generation.left_to_right_phrases=false", f"out_dir={out}/decoding/{name}"])
     summary = run_rag(cfg)
     runs[name] = (_scores(Path(cfg.out_dir)), {r["dataset"]: r for r in summary["methods"]}, cfg.generation)
     manifests.append(f"{cfg.out_dir}/manifest.json")

@@ -783,7 +783,8 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
         starts = np.zeros(ids.shape, bool)
         for i, b in enumerate(built):
           starts[i, ids.shape[1] - len(b.ids):] = word_starts(tok.convert_ids_to_tokens(b.ids))
-        valid = span_candidates(ids, mask, starts, special[ids], gen.gen_length - 1)
+        if any(n.startswith(SPAN) for n, _ in todo):
+          valid = span_candidates(ids, mask, starts, special[ids], gen.gen_length - 1)
         phrase_extras = {**extras, "phrase_ok": jnp.asarray(mask.astype(bool) & ~special[ids]),
                          "phrase_starts": jnp.asarray(starts)}
       for name, _ in todo:

@@ -779,12 +779,14 @@ def _evaluate_set(cfg: RagConfig, set_name: str, evals, passages, model, params,
       if cfg.spread.pooling == "max_token":
         extras["query_mask"] = jnp.asarray(q_mask)
       key = jax.random.key(gen.seed + start)
-      if any(n.startswith(SPAN) or n == L2R_PHRASE for n, _ in todo):
+      spans_on, phrases_on = any(n.startswith(SPAN) for n, _ in todo), any(n == L2R_PHRASE for n, _ in todo)
+      if spans_on or phrases_on:  # both answer with whole words of the prompt
         starts = np.zeros(ids.shape, bool)
         for i, b in enumerate(built):
           starts[i, ids.shape[1] - len(b.ids):] = word_starts(tok.convert_ids_to_tokens(b.ids))
-        if any(n.startswith(SPAN) for n, _ in todo):
-          valid = span_candidates(ids, mask, starts, special[ids], gen.gen_length - 1)
+      if spans_on:
+        valid = span_candidates(ids, mask, starts, special[ids], gen.gen_length - 1)
+      if phrases_on:
         phrase_extras = {**extras, "phrase_ok": jnp.asarray(mask.astype(bool) & ~special[ids]),
                          "phrase_starts": jnp.asarray(starts)}
       for name, _ in todo:

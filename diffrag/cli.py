@@ -228,12 +228,23 @@ def cmd_bench(args) -> int:
 
 
 def cmd_compare(args) -> int:
-  from diffrag.experiment.compare import compare_runs
-  rows = compare_runs(args.control, args.treatment, args.group or None, args.metric or None)
+  from diffrag.experiment.compare import compare_methods, compare_runs
+  if args.vs and args.treatment:
+    raise ValueError("give one run folder with --vs METHOD (methods of one run paired), or two folders "
+                     "without it (one run against another), not both")
+  if not args.vs and not args.treatment:
+    raise ValueError("give a second run folder (TREATMENT) to pair two runs, or --vs METHOD to pair the methods "
+                     "of one run against METHOD")
+  if args.vs:
+    rows = compare_methods(args.control, args.vs, args.group or None, args.metric or None)
+    head = (f"run: {args.control}\ncontrol: the method {args.vs!r}, treatment: each other method (paired on the "
+            "items both decoded")
+  else:
+    rows = compare_runs(args.control, args.treatment, args.group or None, args.metric or None)
+    head = f"control: {args.control}\ntreatment: {args.treatment}\n(paired on the items both runs evaluated"
   out = Path(args.out) if args.out else None
   table = write_table(rows, out, "compare") if out else markdown_table(rows)
-  print(f"control: {args.control}\ntreatment: {args.treatment}\n(paired on the items both runs evaluated: mean "
-        "difference [95% bootstrap interval], * = significant, p = randomization test)\n")
+  print(head + ": mean difference [95% bootstrap interval], * = significant, p = randomization test)\n")
   print(table)
   if out:
     print(f"compare.md / compare.csv in {out}/")
@@ -302,10 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--only", default=None, help="run one section: sampler | train | encode | remat | ar | gr | reader")
   bench.add_argument("--data-dir", default=None)
   bench.set_defaults(fn=cmd_bench)
-  compare = sub.add_parser("compare", help="paired comparison of two rag (or two gr) run folders on their shared "
+  compare = sub.add_parser("compare", help="paired comparison of two rag (or two gr) run folders, or of the methods of one (--vs), on their shared "
                                            "questions / queries: difference, 95%% interval, p, n per method")
-  compare.add_argument("control", help="out_dir of the reference run")
-  compare.add_argument("treatment", help="out_dir of the run with the change")
+  compare.add_argument("control", help="out_dir of the reference run (with --vs: the one run)")
+  compare.add_argument("treatment", nargs="?", default=None, help="out_dir of the run with the change")
+  compare.add_argument("--vs", default=None, help="pair the methods of one run: every method against this one "
+                                                  "(RAG: e.g. l2r, paired within each dataset; GR: e.g. bm25)")
   compare.add_argument("--group", action="append", help="only this method (RAG: dataset/method, e.g. "
                                                         "squad_v1:dev/baseline; GR: e.g. one_pass_top100); repeatable")
   compare.add_argument("--metric", action="append", help="only this metric (RAG: f1 em precision answer_words; "

@@ -219,6 +219,42 @@ def test_compare_pairs_two_runs_on_their_shared_items(tmp_path, capsys):
   assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2  # one clear line, no traceback
 
 
+def test_compare_methods_pairs_the_methods_of_one_run(tmp_path, capsys):
+  from diffrag.cli import main
+  from diffrag.experiment.compare import compare_methods
+  golds = [f"answer {k}" for k in range(30)]
+  rows = [("l2r", f"q{k}", g, "answer") for k, g in enumerate(golds)]  # F1 67 (partial), EM 0
+  rows += [("l2r_phrase", f"q{k}", g, g if k < 15 else "answer") for k, g in enumerate(golds)]  # 15 exact
+  rows += [("baseline", f"q{k}", g, g) for k, g in enumerate(golds[:20])]  # only 20 questions
+  _rag_run(tmp_path / "run", rows)
+  with open(tmp_path / "run" / "predictions.jsonl", "a") as f:  # a second dataset: paired within it only
+    for k, m in ((k, m) for k in range(5) for m in ("l2r", "l2r_phrase")):
+      f.write(json.dumps({"dataset": "musique:dev", "method": m, "id": f"m{k}", "answers": ["x"],
+                          "prediction": "x" if m == "l2r_phrase" else "y"}) + "\n")
+  got = {(r["group"], r["metric"]): r for r in compare_methods(tmp_path / "run", "l2r")}
+  assert {g for g, _ in got} == {"squad_v1:dev/l2r_phrase", "squad_v1:dev/baseline", "musique:dev/l2r_phrase"}
+  em = got["squad_v1:dev/l2r_phrase", "em"]
+  assert em["reference"] == "squad_v1:dev/l2r" and em["n"] == 30 and em["control"] == 0.0 and em["treatment"] == 50.0
+  assert em["d (treatment - control)"].startswith("+50.00") and em["only_control"] == 0
+  base = got["squad_v1:dev/baseline", "em"]  # paired on the 20 questions both decoded; 10 counted as l2r only
+  assert base["n"] == 20 and base["only_control"] == 10 and base["treatment"] == 100.0
+  mus = got["musique:dev/l2r_phrase", "f1"]
+  assert mus["reference"] == "musique:dev/l2r" and mus["n"] == 5 and mus["treatment"] == 100.0
+  # a whole group as the reference pairs within its dataset only
+  (row,) = compare_methods(tmp_path / "run", "musique:dev/l2r", metrics=["f1"])
+  assert row["group"] == "musique:dev/l2r_phrase"
+  assert main(["compare", str(tmp_path / "run"), "--vs", "l2r", "--group", "squad_v1:dev/l2r_phrase",
+               "--metric", "em"]) == 0
+  assert "squad_v1:dev/l2r | squad_v1:dev/l2r_phrase | em | 30" in capsys.readouterr().out
+  with pytest.raises(ValueError, match=r"no method 'beam'; its methods are"):
+    compare_methods(tmp_path / "run", "beam")
+  with pytest.raises(ValueError, match="cannot be paired with 'l2r'"):
+    compare_methods(tmp_path / "run", "l2r", groups=["squad_v1:dev/l2r"])
+  assert main(["compare", str(tmp_path / "run")]) == 2  # neither a second folder nor --vs: one clear line
+  assert main(["compare", str(tmp_path / "run"), str(tmp_path / "run"), "--vs", "l2r"]) == 2
+  assert "not both" in capsys.readouterr().err
+
+
 def test_summarize_seeds_intervals_over_training_runs(tmp_path):
   from diffrag.experiment.compare import summarize_seeds
 

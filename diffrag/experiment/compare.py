@@ -7,6 +7,10 @@ words, from `predictions.jsonl`) or query (GR: nDCG@10, Recall@1/10/100, MRR@10,
 per-query scores in `metrics.json`), with the 95% paired bootstrap interval of mean(d), the
 randomization p-value and n (`diffrag.experiment.stats.compare`). Items only one run has are
 counted, never paired.
+
+`diffrag compare RUN --vs METHOD` pairs the methods of one run instead: every method against
+METHOD on the items both decoded (RAG: within each dataset), e.g. `l2r_phrase` against `l2r`
+on the same questions and the same trained reader.
 """
 
 from __future__ import annotations
@@ -58,6 +62,32 @@ def load_scores(out_dir: str | Path) -> tuple[str, dict[str, dict[str, dict[str,
                           "per-query scores (a `diffrag gr` run): give the out_dir of a finished run")
 
 
+def _reference_group(group: str, reference: str) -> str:
+  """The group a method is paired with: RAG groups are "dataset/method", compared within a dataset."""
+  if "/" in reference:
+    return reference
+  return group.rsplit("/", 1)[0] + "/" + reference if "/" in group else reference
+
+
+def _paired_rows(c: dict[str, dict[str, float]], t: dict[str, dict[str, float]], group: str,
+                 metrics: list[str], what: str) -> list[dict]:
+  """One row per metric: control scores c and treatment scores t ({item id: {metric: value}}) paired by item."""
+  ids = sorted(set(c) & set(t))
+  if not ids:
+    raise ValueError(f"{group}: {what} evaluated no common item (different questions or queries)")
+  rows = []
+  for m in metrics:
+    if m not in c[ids[0]] or m not in t[ids[0]]:
+      raise ValueError(f"metric {m!r} is not in both of {what}' {group}; expected one of {sorted(c[ids[0]])}")
+    a = np.array([c[i][m] for i in ids])
+    b = np.array([t[i][m] for i in ids])
+    cmp = stats.compare(b, a)
+    rows.append({"group": group, "metric": m, "n": len(ids), "control": round(float(a.mean()), 2),
+                 "treatment": round(float(b.mean()), 2), "d (treatment - control)": stats.fmt_diff(cmp),
+                 "p": stats.fmt_p(cmp["p"]), "only_control": len(c) - len(ids), "only_treatment": len(t) - len(ids)})
+  return rows
+
+
 def compare_runs(control: str | Path, treatment: str | Path, groups: list[str] | None = None,
                  metrics: list[str] | None = None) -> list[dict]:
   """One row per (group, metric) that both runs have: means, paired difference, interval, p, n."""
@@ -74,21 +104,35 @@ def compare_runs(control: str | Path, treatment: str | Path, groups: list[str] |
   if not shared:
     raise ValueError(f"the runs share no method: {control} has {sorted(c)}, {treatment} has {sorted(t)}")
   names = list(metrics or (RAG_METRICS if kind_c == "rag" else GR_METRICS))
+  return [row for g in shared for row in _paired_rows(c[g], t[g], g, names, "the runs")]
+
+
+def compare_methods(run: str | Path, reference: str, groups: list[str] | None = None,
+                    metrics: list[str] | None = None) -> list[dict]:
+  """Every method of one run against `reference` on the items both decoded.
+
+  `reference` is a method (RAG: "l2r", paired within each dataset that has it, or a whole
+  group "squad_v1:dev/l2r"; GR: a row such as "bm25"). Rows as `compare_runs`, with the
+  reference as control, the method as treatment and `reference` naming the control group.
+  """
+  kind, scores = load_scores(run)
+  refs = {g: _reference_group(g, reference) for g in scores}
+  if not any(r in scores for r in refs.values()):
+    raise ValueError(f"{run} has no method {reference!r}; its methods are {sorted(scores)}")
+  same_set = lambda g: "/" not in g or g.rsplit("/", 1)[0] == refs[g].rsplit("/", 1)[0]  # noqa: E731
+  paired = [g for g in scores if refs[g] in scores and refs[g] != g and same_set(g)]
+  if groups:
+    unknown = [g for g in groups if g not in paired]
+    if unknown:
+      raise ValueError(f"group(s) {unknown} cannot be paired with {reference!r} in {run}; these can: {paired}")
+    paired = list(groups)
+  if not paired:
+    raise ValueError(f"{run} has no other method beside {reference!r} to pair with it: {sorted(scores)}")
+  names = list(metrics or (RAG_METRICS if kind == "rag" else GR_METRICS))
   rows = []
-  for g in shared:
-    ids = sorted(set(c[g]) & set(t[g]))
-    if not ids:
-      raise ValueError(f"{g}: the runs evaluated no common item (different questions or queries)")
-    for m in names:
-      if m not in c[g][ids[0]] or m not in t[g][ids[0]]:
-        raise ValueError(f"metric {m!r} is not in both runs' {g}; expected one of {sorted(c[g][ids[0]])}")
-      a = np.array([c[g][i][m] for i in ids])
-      b = np.array([t[g][i][m] for i in ids])
-      cmp = stats.compare(b, a)
-      rows.append({"group": g, "metric": m, "n": len(ids), "control": round(float(a.mean()), 2),
-                   "treatment": round(float(b.mean()), 2), "d (treatment - control)": stats.fmt_diff(cmp),
-                   "p": stats.fmt_p(cmp["p"]), "only_control": len(c[g]) - len(ids),
-                   "only_treatment": len(t[g]) - len(ids)})
+  for g in paired:
+    rows += [{"reference": refs[g], **row} for row in _paired_rows(scores[refs[g]], scores[g], g, names,
+                                                                   "the two methods")]
   return rows
 
 
@@ -158,7 +202,7 @@ def summarize_seeds(arms: dict[str, list[str | Path]], groups: list[str] | None 
         row.pop("significant")
         levels.append({"arm": a, "group": g, "metric": m, "seeds": len(x), "n": len(ids), **row,
                        "q_ci_halfwidth": round(float(half), 2)})
-        ref = (g.rsplit("/", 1)[0] + "/" + reference if "/" in g else reference) if reference else None
+        ref = _reference_group(g, reference) if reference else None
         if ref and ref != g and ref in shared:
           ref_ids = sorted(set(ids).intersection(*(set(r[ref]) for r in runs[a])))
           d = _table(runs[a], g, m, ref_ids) - _table(runs[a], ref, m, ref_ids)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffrag.models import from_pretrained, init_params, minilm_path, preset
-from diffrag.models.transformer import MaskedDiffusionTransformer, num_params
+from diffrag.models.transformer import MaskedDiffusionTransformer
 from diffrag.parallel import mesh as mesh_lib
 from diffrag.experiment.provenance import write_manifest
 from diffrag.experiment.timing import Stopwatch, count_compiles
@@ -109,6 +109,38 @@ def _model_gemms(cfg, tokens: int, head_tokens: int) -> list[tuple[int, int, int
   layer = [(tokens, d, q), (tokens, d, kv), (tokens, d, kv), (tokens, q, d)] + mlp
   head = ([(head_tokens, d, d)] if cfg.head == "mlm" else []) + [(head_tokens, d, cfg.vocab_size)]
   return layer * cfg.num_layers + head
+
+
+# Dense bf16 tensor-core peak (FLOP/s) and HBM bandwidth (bytes/s) of GPUs, datasheet figures (SXM).
+GPU_PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
+
+
+def gpu_peaks(device) -> tuple[str, float, float] | None:
+  """(name, peak bf16 FLOP/s, peak bytes/s) of a `jax.Device` from `GPU_PEAKS`, or None if unknown."""
+  for name, (flops, bw) in GPU_PEAKS.items():
+    if name in device.device_kind:
+      return name, flops, bw
+  return None
+
+
+def forward_flops(cfg, batch: int, length: int, head_tokens: int | None = None) -> float:
+  """Model FLOPs of one forward over [batch, length] tokens, 2 per multiply-add:
+  2 * sum(M K N) over the weight matmuls (`_model_gemms`; the input embedding is a gather, not
+  a matmul) + attention's QK^T and PV, 2 * L^2 * heads * head_dim each per layer and sequence
+  (bidirectional: the whole square). The output layer runs on `head_tokens` rows (default: every
+  token; 0: none, an encoder). Norms, softmax and activations are not counted."""
+  tokens = batch * length
+  gemms = _model_gemms(cfg, tokens, tokens if head_tokens is None else head_tokens)
+  attention = 4.0 * cfg.num_layers * batch * length ** 2 * cfg.num_heads * cfg.head_dim
+  return 2.0 * sum(m * k * n for m, k, n in gemms) + attention
+
+
+def train_flops(cfg, batch: int, length: int, head_tokens: int | None = None) -> float:
+  """Model FLOPs of one train step: 3 x `forward_flops` (the forward, and the backward's two
+  products per matmul: 6 N per token for the weights, 12 L heads head_dim per token and layer
+  for attention). Rematerialisation's recomputed forward is not counted: MFU, not hardware
+  FLOPs utilisation."""
+  return 3.0 * forward_flops(cfg, batch, length, head_tokens)
 
 
 def _matmul_floor(gemms: list[tuple[int, int, int]], units: float, train: bool):
@@ -477,8 +509,7 @@ def bench_encode(out: Path, data_dir: str | None = None, n_docs: int = 1500) -> 
   lengths = [min(256, len(enc.tokenizer(t)["input_ids"])) for t in texts]
   # 2 x non-embedding params (the GEMMs) x tokens + attention (QK^T and PV: 4 n^2 d per layer)
   cfg = enc.model.config
-  dense_params = num_params(enc.params["layers"])  # the encoder's layers (no embeddings, no MLM head)
-  flops = sum(2 * dense_params * n + 4 * cfg.num_layers * n * n * cfg.hidden_size for n in lengths)
+  flops = sum(forward_flops(cfg, 1, n, head_tokens=0) for n in lengths)  # the encoder: no output layer
   gemm = _gemm_gflops()
   rows = [{"encoder": "all-MiniLM-L6-v2, mean pooling", "docs": len(texts), "ours_docs_per_s": round(len(texts) / sw.timing.seconds, 1),
            "torch_docs_per_s": round(len(texts) / torch_s, 1), "ours_over_torch": round(torch_s / sw.timing.seconds, 2),

@@ -19,30 +19,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffrag.bench import GPU_PEAKS, forward_flops, gpu_peaks
 from diffrag.models import MaskedDiffusionTransformer, init_params, num_params, preset
 from diffrag.report import write_table
 from diffrag.rag.spread import spread
 from diffrag.sampling import transforms as T
 from diffrag.sampling.sampler import generate
 
-# Dense bf16 tensor-core peak (FLOP/s) and HBM bandwidth (bytes/s), datasheet figures.
-PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
-
 
 def _peaks(device) -> tuple[str, float, float]:
-  for name, (flops, bw) in PEAKS.items():
-    if name in device.device_kind:
-      return name, flops, bw
-  print(f"no peak figures for {device.device_kind!r} (add them to PEAKS); using H200's for a dry run")
-  return "H200?", *PEAKS["H200"]
+  found = gpu_peaks(device)
+  if found is None:
+    print(f"no peak figures for {device.device_kind!r} (add them to diffrag.bench.GPU_PEAKS); using H200's for a dry run")
+    return "H200?", *GPU_PEAKS["H200"]
+  return found
 
 
 def step_roofline(cfg, batch, length, block, peak_flops, peak_bw) -> tuple[float, float, float]:
+  flops = forward_flops(cfg, batch, length, head_tokens=batch * block)  # the head on the block only
   d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   per_layer = d * (h + 2 * kv) * hd + h * hd * d + 3 * d * cfg.mlp_dim
-  body = 2.0 * cfg.num_layers * per_layer * batch * length + 4.0 * cfg.num_layers * length * length * h * hd * batch
-  head = 2.0 * d * cfg.vocab_size * batch * block
-  flops = body + head
   weight_bytes = 2.0 * (cfg.num_layers * per_layer + d * cfg.vocab_size)  # layers + output head, bf16
   return max(flops / peak_flops, weight_bytes / peak_bw), flops, weight_bytes
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -193,7 +194,6 @@ def test_checkpoint_of_a_different_shape_names_the_tensor(tmp_path):
 
 def test_loss_window_equals_full_loss_when_it_holds_every_maskable_position():
   """Pairs: computing logits on the response span only gives the same loss and gradients."""
-  import jax.numpy as jnp
   from diffrag.diffusion import schedule as schedules
   from diffrag.models import MaskedDiffusionTransformer, init_params, preset
   from diffrag.train import step as step_lib
@@ -422,19 +422,30 @@ def test_train_layer_loop_resolves_and_rejects_bad_names():
     compile_step(model, params, TrainConfig(train=LoopSpec(layer_loop="while")), mesh, mesh_lib.DEFAULT_RULES)
 
 
-def test_matmul_floor_counts_the_models_matmuls():
-  """The bench's matmul floor runs the model's weight matmuls: their FLOPs are the matmul part of
-  `approx_flops_per_token` (Llama-like and Qwen2-like shapes), the output layer counted on the
-  rows given only; the floor program runs and gives a rate."""
-  from diffrag.bench import _matmul_floor, _model_gemms
-  from diffrag.models import preset
-  from diffrag.models.families import approx_flops_per_token
+def test_model_flops_agree_with_xla_and_the_floor_runs_the_models_matmuls():
+  """`bench.forward_flops` / `train_flops` (the MFU formula of experiments/gpu_train_mfu.py and
+  the encode bench's GFLOP/s) agree with XLA's own FLOP count of the compiled forward and
+  gradient within 8% (XLA also counts norms, softmax and activations), for Llama-like and
+  Qwen2-like (GQA) shapes at a length where attention is a fifth of the forward; the output
+  layer is counted on the rows given only; the matmul floor program runs and gives a rate."""
+  from diffrag.bench import _matmul_floor, _model_gemms, forward_flops, train_flops
+  from diffrag.models import MaskedDiffusionTransformer, init_params, preset
+
+  def xla_flops(fn, *args):
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+  b, length = 2, 128
   for name in ("tiny-llada", "tiny-dream"):
-    cfg = preset(name)
-    flops = sum(2 * m * k * n for m, k, n in _model_gemms(cfg, 24, 24))
-    assert flops == pytest.approx(24 * approx_flops_per_token(cfg, 0))
-    head_only = 2 * 16 * cfg.hidden_size * cfg.vocab_size
-    assert sum(2 * m * k * n for m, k, n in _model_gemms(cfg, 24, 8)) == pytest.approx(flops - head_only)
+    cfg = preset(name, attention_impl="xla", layer_loop="unroll")
+    model, params = MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(0))
+    x = jnp.zeros((b, length), jnp.int32)
+    fwd = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    grad = jax.grad(lambda p, x: model.apply({"params": p}, x).astype(jnp.float32).sum())
+    assert forward_flops(cfg, b, length) == pytest.approx(xla_flops(fwd, params, x), rel=0.08)
+    assert train_flops(cfg, b, length) == pytest.approx(xla_flops(grad, params, x), rel=0.08)
+    head = 2 * cfg.hidden_size * cfg.vocab_size
+    assert forward_flops(cfg, b, length) - forward_flops(cfg, b, length, head_tokens=8) == (b * length - 8) * head
   rate = _matmul_floor(_model_gemms(preset("tiny-llada"), 24, 8), 24, train=True)(2)
   assert np.isfinite(rate) and rate > 0
 
@@ -469,3 +480,23 @@ def test_import_keeps_large_freed_blocks_so_steps_do_not_page_fault_them_again()
   tuned, default = faults(), faults(DIFFRAG_MALLOC_DEFAULTS="0")
   assert default > 10_000, default  # 48 MB in 4 KiB pages: the setting has something to fix here
   assert tuned < default // 10, (tuned, default)
+
+
+@pytest.mark.slow  # four child processes that each compile a train step (about a minute)
+def test_gpu_train_mfu_script_dry_run(tmp_path):
+  """experiments/gpu_train_mfu.py, prepared for a GPU session, runs end to end on CPU with tiny
+  shapes: a row per remat policy from the training code's compile_step, the fit search, the FSDP
+  row, finite losses and the tables written."""
+  import csv
+  root = Path(__file__).resolve().parents[1]
+  env = {**os.environ, "PYTHONPATH": str(root)}
+  env.pop("XLA_FLAGS", None)  # one device, as on one GPU (the suite's 8 fake devices would not divide batch 2)
+  done = subprocess.run([sys.executable, str(root / "experiments" / "gpu_train_mfu.py"), "--dry-run", "--steps", "2",
+                         "--policies", "none", "full", "--out", str(tmp_path)], env=env, cwd=root,
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  rows = list(csv.DictReader(open(tmp_path / "gpu_train.csv")))
+  assert [(r["remat"], r["mesh"]) for r in rows] == [("none", "data"), ("full", "data"), ("full", "fsdp")]
+  assert all(r["loss_finite"] == "True" and float(r["step_s"]) > 0 for r in rows)
+  fit = list(csv.DictReader(open(tmp_path / "gpu_train_fit.csv")))
+  assert fit and fit[-1]["fits"] == "True"

@@ -438,11 +438,3 @@ def preset(name: str, **overrides) -> ModelConfig:
     raise ConfigError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
   return PRESETS[name].replace(**overrides)
 
-
-def approx_flops_per_token(cfg: ModelConfig, length: int) -> float:
-  """Forward FLOPs per token: 2 * matmul params + 4 * L * D_attn per layer (attention scores + values)."""
-  d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  per_layer = d * (h + 2 * kv) * hd + h * hd * d + d * cfg.mlp_dim * (3 if cfg.mlp == "swiglu" else 2)
-  matmul = cfg.num_layers * per_layer + d * cfg.vocab_size
-  return 2.0 * matmul + 4.0 * cfg.num_layers * length * h * hd
-

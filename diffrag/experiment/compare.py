@@ -69,6 +69,20 @@ def _reference_group(group: str, reference: str) -> str:
   return group.rsplit("/", 1)[0] + "/" + reference if "/" in group else reference
 
 
+def _select(available: list[str], groups: list[str] | None, refusal: str) -> list[str]:
+  """`groups` (all of them in `available`, else a ValueError "group(s) [...] <refusal>: available"), or all."""
+  if not groups:
+    return available
+  unknown = [g for g in groups if g not in available]
+  if unknown:
+    raise ValueError(f"group(s) {unknown} {refusal} {available}")
+  return list(groups)
+
+
+def _metric_names(kind: str, metrics: list[str] | None) -> list[str]:
+  return list(metrics or (RAG_METRICS if kind == "rag" else GR_METRICS))
+
+
 def _paired_rows(c: dict[str, dict[str, float]], t: dict[str, dict[str, float]], group: str,
                  metrics: list[str], what: str) -> list[dict]:
   """One row per metric: control scores c and treatment scores t ({item id: {metric: value}}) paired by item."""
@@ -95,15 +109,10 @@ def compare_runs(control: str | Path, treatment: str | Path, groups: list[str] |
   kind_t, t = load_scores(treatment)
   if kind_c != kind_t:
     raise ValueError(f"{control} is a {kind_c} run and {treatment} a {kind_t} run: compare runs of one kind")
-  shared = [g for g in c if g in t]
-  if groups:
-    unknown = [g for g in groups if g not in shared]
-    if unknown:
-      raise ValueError(f"group(s) {unknown} are not in both runs; both have {shared}")
-    shared = list(groups)
+  shared = _select([g for g in c if g in t], groups, "are not in both runs; both have")
   if not shared:
     raise ValueError(f"the runs share no method: {control} has {sorted(c)}, {treatment} has {sorted(t)}")
-  names = list(metrics or (RAG_METRICS if kind_c == "rag" else GR_METRICS))
+  names = _metric_names(kind_c, metrics)
   return [row for g in shared for row in _paired_rows(c[g], t[g], g, names, "the runs")]
 
 
@@ -120,15 +129,11 @@ def compare_methods(run: str | Path, reference: str, groups: list[str] | None = 
   if not any(r in scores for r in refs.values()):
     raise ValueError(f"{run} has no method {reference!r}; its methods are {sorted(scores)}")
   same_set = lambda g: "/" not in g or g.rsplit("/", 1)[0] == refs[g].rsplit("/", 1)[0]  # noqa: E731
-  paired = [g for g in scores if refs[g] in scores and refs[g] != g and same_set(g)]
-  if groups:
-    unknown = [g for g in groups if g not in paired]
-    if unknown:
-      raise ValueError(f"group(s) {unknown} cannot be paired with {reference!r} in {run}; these can: {paired}")
-    paired = list(groups)
+  paired = _select([g for g in scores if refs[g] in scores and refs[g] != g and same_set(g)], groups,
+                   f"cannot be paired with {reference!r} in {run}; these can:")
   if not paired:
     raise ValueError(f"{run} has no other method beside {reference!r} to pair with it: {sorted(scores)}")
-  names = list(metrics or (RAG_METRICS if kind == "rag" else GR_METRICS))
+  names = _metric_names(kind, metrics)
   rows = []
   for g in paired:
     rows += [{"reference": refs[g], **row} for row in _paired_rows(scores[refs[g]], scores[g], g, names,
@@ -178,14 +183,10 @@ def summarize_seeds(arms: dict[str, list[str | Path]], groups: list[str] | None 
   if len(kinds) != 1:
     raise ValueError(f"the runs mix kinds {sorted(kinds)}: summarise runs of one kind")
   runs = {a: [g for _, g in r] for a, r in loaded.items()}
-  shared = [g for g in runs[names[0]][0] if all(g in r for rs in runs.values() for r in rs)]
-  if groups:
-    unknown = [g for g in groups if g not in shared]
-    if unknown:
-      raise ValueError(f"group(s) {unknown} are not in every run; every run has {shared}")
-    shared = list(groups)
+  shared = _select([g for g in runs[names[0]][0] if all(g in r for rs in runs.values() for r in rs)], groups,
+                   "are not in every run; every run has")
   kind = kinds.pop()
-  wanted = list(metrics or (RAG_METRICS if kind == "rag" else GR_METRICS))
+  wanted = _metric_names(kind, metrics)
   levels, diffs = [], []
   for g in shared:
     every = [r[g] for rs in runs.values() for r in rs]

@@ -95,6 +95,19 @@ def test_manifest_records_provenance(tmp_path):
   assert canonical((1, np.int64(2))) == [1, 2]
 
 
+def test_manifest_names_the_commit_the_run_started_from(tmp_path, monkeypatch):
+  """A commit made while a run goes on does not become the run's commit: the manifest keeps the
+  state taken at import and adds the state at writing under "at_write"."""
+  from diffrag.experiment import provenance
+  now = provenance.git_state()
+  started = {"commit": "0" * 40, "dirty": False}
+  monkeypatch.setattr(provenance, "_GIT_AT_START", started)
+  m = json.loads(write_manifest(tmp_path, config={}).read_text())
+  assert m["git"] == {**started, "at_write": now}
+  monkeypatch.setattr(provenance, "_GIT_AT_START", now)
+  assert json.loads(write_manifest(tmp_path, config={}).read_text())["git"] == now
+
+
 def test_a_run_config_reads_back_from_its_manifest(tmp_path):
   from diffrag import config as config_lib
   from diffrag.rag.pipeline import RagConfig

@@ -170,6 +170,17 @@ def device_info() -> dict:
           "processes": jax.process_count(), "host": platform.node(), "cpu_count": os.cpu_count()}
 
 
+_GIT_AT_START = git_state()  # taken when the run imports diffrag.experiment, before it does any work
+
+
+def run_git_state() -> dict:
+  """{commit, dirty} of the code this process started from (`git_state` at import), and where the
+  tree differs now, "at_write": the state now: a manifest written at the end of an hour-long run
+  names the commit that ran, not one committed while it ran."""
+  now = git_state()
+  return dict(_GIT_AT_START) if now == _GIT_AT_START else {**_GIT_AT_START, "at_write": now}
+
+
 def write_manifest(out_dir: str | os.PathLike, *, config: Any, data: dict | None = None, seeds: dict | None = None,
                    wall_times: dict | None = None, artefacts: list | None = None, extra: dict | None = None) -> Path:
   """Writes `out_dir/manifest.json` and returns its path."""
@@ -179,7 +190,7 @@ def write_manifest(out_dir: str | os.PathLike, *, config: Any, data: dict | None
       "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
       "command": sys.argv,
       "config": canonical(config),
-      "git": git_state(),
+      "git": run_git_state(),
       "packages": package_versions(),
       "device": device_info(),
       "data": data or {},

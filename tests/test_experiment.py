@@ -263,6 +263,14 @@ def test_compare_methods_pairs_the_methods_of_one_run(tmp_path, capsys):
     compare_methods(tmp_path / "run", "beam")
   with pytest.raises(ValueError, match="cannot be paired with 'l2r'"):
     compare_methods(tmp_path / "run", "l2r", groups=["squad_v1:dev/l2r"])
+  # GR: rows of one metrics.json, paired by query id
+  (tmp_path / "gr").mkdir()
+  (tmp_path / "gr" / "metrics.json").write_text(json.dumps(
+      {"eval_query_ids": ["q1", "q2", "q3", "q4"],
+       "per_query": {"bm25": {"recall@10": [1.0, 1.0, 0.0, 1.0]}, "one_pass_top100": {"recall@10": [1.0, 0.0, 0.0, 0.0]}}}))
+  (gr_row,) = compare_methods(tmp_path / "gr", "bm25", metrics=["recall@10"])
+  assert (gr_row["reference"], gr_row["group"], gr_row["n"]) == ("bm25", "one_pass_top100", 4)
+  assert gr_row["control"] == 75.0 and gr_row["treatment"] == 25.0 and gr_row["d (treatment - control)"].startswith("-50.00")
   assert main(["compare", str(tmp_path / "run")]) == 2  # neither a second folder nor --vs: one clear line
   assert main(["compare", str(tmp_path / "run"), str(tmp_path / "run"), "--vs", "l2r"]) == 2
   assert "not both" in capsys.readouterr().err

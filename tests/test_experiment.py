@@ -354,3 +354,14 @@ def test_intervals_over_training_runs():
   assert stats.crossed_bootstrap_ci(same_runs + offsets) == (m2, lo2, hi2)  # seeded
   with pytest.raises(ValueError, match=r"\[runs, items\]"):
     stats.crossed_bootstrap_ci(items)
+
+
+def test_compiled_memory_counts_a_donated_buffer_once():
+  """An output that reuses a donated argument's buffer is not a second allocation: a step that
+  updates its 4 MiB state in place needs 4 MiB, the same step without donation 8 MiB."""
+  from diffrag.experiment.timing import compiled_memory
+  x = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
+  donated = compiled_memory(jax.jit(lambda a: a * 2 + 1, donate_argnums=0).lower(x))
+  kept = compiled_memory(jax.jit(lambda a: a * 2 + 1).lower(x))
+  assert donated["alias"] == 4 << 20 and donated["total"] == (4 << 20) + donated["temp"]
+  assert kept["alias"] == 0 and kept["total"] == (8 << 20) + kept["temp"]

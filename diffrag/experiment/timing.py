@@ -97,13 +97,14 @@ class Stopwatch:
 
 
 def compiled_memory(lowered) -> dict:
-  """Bytes a compiled XLA program needs ({temp, arguments, outputs, total}) from a
+  """Bytes a compiled XLA program needs ({temp, arguments, outputs, alias, total}) from a
   `jax.stages.Lowered` (e.g. `jax.jit(f).lower(*args)`): the device-independent peak
-  estimate where the backend keeps no memory statistics (CPU)."""
+  estimate where the backend keeps no memory statistics (CPU). Outputs that reuse a donated
+  argument's buffer (`alias`) are counted once: total = temp + arguments + outputs - alias."""
   m = lowered.compile().memory_analysis()
   if m is None:
     return {}
   out = {"temp": int(m.temp_size_in_bytes), "arguments": int(m.argument_size_in_bytes),
-         "outputs": int(m.output_size_in_bytes)}
-  out["total"] = sum(out.values())
+         "outputs": int(m.output_size_in_bytes), "alias": int(m.alias_size_in_bytes)}
+  out["total"] = out["temp"] + out["arguments"] + out["outputs"] - out["alias"]
   return out

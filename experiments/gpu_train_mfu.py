@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -38,9 +39,16 @@ import sys
 import time
 from pathlib import Path
 
-import diffrag  # noqa: F401  (sets XLA defaults before JAX starts)
-import jax
-import numpy as np
+# A row (a child process) may use the whole GPU, not JAX's default 75% pool; the parent only reads
+# the device's kind and memory limit, so it holds no pool, or the children would find the GPU taken.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+_CHILD_ENV = dict(os.environ)
+if not any(a in ("--measure", "--fits") for a in sys.argv):
+  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+
+import diffrag  # noqa: E402,F401  (sets XLA defaults before JAX starts)
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from diffrag.bench import gpu_peaks, train_flops
 from diffrag.diffusion import schedule as schedules
@@ -143,7 +151,7 @@ def _child(mode: str, row: dict, timeout_s: float) -> dict:
   """Runs `mode` (measure | fits) for `row` in a fresh process; its last stdout line is the JSON result."""
   cmd = [sys.executable, __file__, f"--{mode}", json.dumps(row)]
   try:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False, env=_CHILD_ENV)
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout_s:.0f} s"}
   if done.returncode != 0:
@@ -182,7 +190,8 @@ def main() -> None:
   tile = 128 if args.dry_run else 16384
   base = {"preset": small, "batch": b, "length": length, "dtype": "bfloat16", "param_dtype": "float32",
           "vocab_tile": tile, "steps": args.steps, "fsdp": False, "layers": None}
-  capacity = (dev.memory_stats() or {}).get("bytes_limit") or (2 * 2**30 if args.dry_run else 0)
+  stats = dev.memory_stats() or {}
+  capacity = stats.get("bytes_limit") or stats.get("bytes_reservable_limit") or (2 * 2**30 if args.dry_run else 0)
   out = Path(args.out)
   rows: list[dict] = []
   remaining = lambda: args.budget_s - (time.perf_counter() - t_start)  # noqa: E731

@@ -507,7 +507,6 @@ def bench_encode(out: Path, data_dir: str | None = None, n_docs: int = 1500) -> 
   ref = torch_encode()
   torch_s = time.perf_counter() - t0
   lengths = [min(256, len(enc.tokenizer(t)["input_ids"])) for t in texts]
-  # 2 x non-embedding params (the GEMMs) x tokens + attention (QK^T and PV: 4 n^2 d per layer)
   cfg = enc.model.config
   flops = sum(forward_flops(cfg, 1, n, head_tokens=0) for n in lengths)  # the encoder: no output layer
   gemm = _gemm_gflops()

@@ -288,7 +288,6 @@ _LLADA_TO_LLAMA = [("model.transformer.wte.", "model.embed_tokens."), ("model.tr
 def _torch_llama_like(cfg, params):
   """A `transformers` Llama holding the same weights as our LLaDA-family params (via the HF layout)."""
   import tempfile  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
   from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
   from transformers import LlamaConfig, LlamaForCausalLM  # pylint: disable=import-outside-toplevel
   from diffrag.models import save_pretrained  # pylint: disable=import-outside-toplevel
@@ -571,7 +570,8 @@ def bench_ar(out: Path) -> list[dict]:
 
 def bench_remat(out: Path, batch: int = 8, length: int = 2048) -> list[dict]:
   """Compiled memory of the llada-1b train step at batch x length per remat policy (XLA's memory
-  analysis of the compiled step on abstract arrays: nothing is allocated), full softmax and tiled."""
+  analysis of the compiled step on abstract arrays: nothing is allocated), full softmax and tiled.
+  total = temp + arguments + outputs - aliased (the donated state's buffers counted once)."""
   from diffrag.experiment.timing import compiled_memory  # pylint: disable=import-outside-toplevel
   from diffrag.models.transformer import param_shapes  # pylint: disable=import-outside-toplevel
   from diffrag.train import step as step_lib  # pylint: disable=import-outside-toplevel
@@ -592,10 +592,13 @@ def bench_remat(out: Path, batch: int = 8, length: int = 2048) -> list[dict]:
       step = step_lib.make_train_step(step_lib.model_apply_fn(model), tx, optim, mask_id=cfg.mask_token_id,
                                       schedule=schedules.get("linear"), vocab_tile=tile)
       t0 = time.perf_counter()
-      mem = compiled_memory(jax.jit(step).lower(abstract(state), batch_, jax.random.key(0)))
+      # the state is donated, as in training (`loop.compile_step`): its update reuses its buffers
+      mem = compiled_memory(jax.jit(step, donate_argnums=0).lower(abstract(state), batch_, jax.random.key(0)))
+      gib = lambda k: round(mem.get(k, 0) / 2**30, 2)
       rows.append({"model": f"llada-1b ({base.num_layers}x{base.hidden_size}, V={base.vocab_size})",
                    "batch": f"{batch}x{length}", "remat": policy, "vocab_tile": tile or "none (full softmax)",
-                   "temp_GB": round(mem.get("temp", 0) / 2**30, 2), "arguments_GB": round(mem.get("arguments", 0) / 2**30, 2),
+                   "temp_GB": gib("temp"), "arguments_GB": gib("arguments"), "outputs_GB": gib("outputs"),
+                   "aliased_GB": gib("alias"), "total_GB": gib("total"),
                    "compile_s": round(time.perf_counter() - t0, 1)})
       print(rows[-1], flush=True)
   return rows

@@ -286,7 +286,6 @@ def test_topk_at_10k_docids_every_mode():
 
 def test_a_tiny_diffusion_retriever_learns_to_retrieve_50_documents():
   """Real learning: query -> DocID pairs for 50 documents, a few hundred steps, then retrieval."""
-  import optax  # noqa: F401
   from diffrag.diffusion import schedule as schedules
   from diffrag.gr import decode as D
   from diffrag.train import step as step_lib

@@ -271,6 +271,26 @@ def test_vocabulary_tiled_loss_equals_the_full_softmax(objective):
       assert max(jax.tree.leaves(diff)) < 1e-5
 
 
+def test_vocabulary_tiled_loss_never_holds_the_logits_in_its_gradient():
+  """XLA's memory analysis of the loss's gradient: the tiled output layer needs less scratch
+  memory than one [tokens, V] float32 logits array (the scan keeps each tile's inputs, not its
+  logits, for the backward pass), where the materialised softmax needs at least that."""
+  import jax.numpy as jnp
+  from diffrag.diffusion.objective import Projected, nll_and_hit
+  from diffrag.experiment.timing import compiled_memory
+  n, d, v = 2048, 64, 8192
+  logits_bytes = n * v * 4
+  args = (jax.ShapeDtypeStruct((1, n, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+          jax.ShapeDtypeStruct((1, n), jnp.int32))
+  temp = {}
+  for tile in (0, 1024):
+    def loss(f, w, targets, tile=tile):
+      return nll_and_hit(Projected(features=f, w=w), targets, tile)[0].mean()
+    temp[tile] = compiled_memory(jax.jit(jax.grad(loss, (0, 1))).lower(*args))["temp"]
+  assert temp[0] >= logits_bytes
+  assert temp[1024] < logits_bytes / 2, (temp, logits_bytes)
+
+
 def test_remat_policies_give_the_same_loss_and_gradients():
   import jax.numpy as jnp
   from diffrag.models import ConfigError, MaskedDiffusionTransformer, init_params, preset

@@ -126,15 +126,11 @@ def projected_nll(out: Projected, targets: jax.Array, tile: int) -> tuple[jax.Ar
   allowed = jnp.ones((f.shape[0], v), bool) if out.allowed is None else out.allowed
   allowed = jnp.pad(allowed, ((0, 0), (0, pad))).reshape(f.shape[0], tiles, tile).transpose(1, 0, 2)
 
-  @jax.checkpoint
-  def tile_logits(w_k, b_k, a_k):
-    logits = matmul(f, w_k.astype(f.dtype)).astype(jnp.float32) + b_k
-    return jnp.where(a_k[:, None, :], logits, -jnp.inf)
-
+  @jax.checkpoint  # the scan keeps only each tile's inputs for the backward pass, no [.., tile] logits
   def body(carry, xs):
     m, s = carry
     w_k, b_k, a_k = xs
-    logits = tile_logits(w_k, b_k, a_k)
+    logits = jnp.where(a_k[:, None, :], matmul(f, w_k.astype(f.dtype)).astype(jnp.float32) + b_k, -jnp.inf)
     m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(logits, -1)))
     safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     s = s * jnp.exp(jnp.where(jnp.isfinite(m), m - safe, -jnp.inf)) + jnp.sum(jnp.exp(logits - safe[..., None]), -1)

@@ -33,7 +33,6 @@ import re
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from diffrag.diffusion import schedule as schedules

@@ -7,6 +7,8 @@ import hashlib
 from collections import Counter
 from typing import Sequence
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
@@ -59,14 +61,13 @@ def cut_passages(texts: Sequence[str], k: int = 5, max_chars: int = 2000) -> lis
   return [t[:max_chars] for t in list(texts)[:k]]
 
 
-def parents_of(corpus: Corpus, sep: str = "#") -> tuple[Corpus, "np.ndarray"]:
+def parents_of(corpus: Corpus, sep: str = "#") -> tuple[Corpus, np.ndarray]:
   """The passages a corpus of chunks was cut from: (parents, parent [N] int, chunk i -> parent index).
 
   A chunk id `<parent id><sep><k>` (k an integer, the chunk's place in its passage) belongs to
   `<parent id>`; any other id is its own parent. A parent's text is its chunks' texts joined by
   one space in the order of k (the passage, whitespace normalised), its title the first chunk's.
   """
-  import numpy as np  # pylint: disable=import-outside-toplevel
   keys = []
   for i in corpus.ids:
     head, _, tail = i.rpartition(sep)

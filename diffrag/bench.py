@@ -111,6 +111,13 @@ def _model_gemms(cfg, tokens: int, head_tokens: int) -> list[tuple[int, int, int
   return layer * cfg.num_layers + head
 
 
+def matmul_params(cfg) -> int:
+  """Parameters of the weight matmuls (sum of K N over `_model_gemms`: every layer's projections
+  and the output layer; the input embedding, a gather, and norms and biases excluded): the
+  weights a forward reads from memory once per step (P_matmul of `train_flops`)."""
+  return sum(k * n for _, k, n in _model_gemms(cfg, 1, 1))
+
+
 # Dense bf16 tensor-core peak (FLOP/s) and HBM bandwidth (bytes/s) of GPUs, datasheet figures (SXM).
 GPU_PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
 

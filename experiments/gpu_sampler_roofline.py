@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffrag.bench import GPU_PEAKS, forward_flops, gpu_peaks
+from diffrag.bench import GPU_PEAKS, forward_flops, gpu_peaks, matmul_params
 from diffrag.models import MaskedDiffusionTransformer, init_params, num_params, preset
 from diffrag.report import write_table
 from diffrag.rag.spread import spread
@@ -37,9 +37,7 @@ def _peaks(device) -> tuple[str, float, float]:
 
 def step_roofline(cfg, batch, length, block, peak_flops, peak_bw) -> tuple[float, float, float]:
   flops = forward_flops(cfg, batch, length, head_tokens=batch * block)  # the head on the block only
-  d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  per_layer = d * (h + 2 * kv) * hd + h * hd * d + 3 * d * cfg.mlp_dim
-  weight_bytes = 2.0 * (cfg.num_layers * per_layer + d * cfg.vocab_size)  # layers + output head, bf16
+  weight_bytes = 2.0 * matmul_params(cfg)  # layers + output head, bf16
   return max(flops / peak_flops, weight_bytes / peak_bw), flops, weight_bytes
 
 

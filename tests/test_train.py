@@ -448,8 +448,13 @@ def test_model_flops_agree_with_xla_and_the_floor_runs_the_models_matmuls():
   gradient within 8% (XLA also counts norms, softmax and activations), for Llama-like and
   Qwen2-like (GQA) shapes at a length where attention is a fifth of the forward; the output
   layer is counted on the rows given only; the matmul floor program runs and gives a rate."""
-  from diffrag.bench import _matmul_floor, _model_gemms, forward_flops, train_flops
+  from diffrag.bench import _matmul_floor, _model_gemms, forward_flops, matmul_params, train_flops
   from diffrag.models import MaskedDiffusionTransformer, init_params, preset
+
+  def kernel_sizes(params):  # every matmul's weights; a tied output layer is the embedding
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    kernels = sum(v.size for k, v in leaves if jax.tree_util.keystr(k).endswith("['kernel']"))
+    return kernels + (0 if "lm_head" in params else params["embed"]["embedding"].size)
 
   def xla_flops(fn, *args):
     cost = jax.jit(fn).lower(*args).compile().cost_analysis()
@@ -466,6 +471,8 @@ def test_model_flops_agree_with_xla_and_the_floor_runs_the_models_matmuls():
     assert train_flops(cfg, b, length) == pytest.approx(xla_flops(grad, params, x), rel=0.08)
     head = 2 * cfg.hidden_size * cfg.vocab_size
     assert forward_flops(cfg, b, length) - forward_flops(cfg, b, length, head_tokens=8) == (b * length - 8) * head
+    assert matmul_params(cfg) == kernel_sizes(params)
+  assert matmul_params(preset("tiny-bert")) == kernel_sizes(init_params(preset("tiny-bert"), jax.random.key(0)))
   rate = _matmul_floor(_model_gemms(preset("tiny-llada"), 24, 8), 24, train=True)(2)
   assert np.isfinite(rate) and rate > 0
 

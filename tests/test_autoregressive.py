@@ -65,8 +65,9 @@ def test_kv_cached_generation_equals_recomputing_everything(causal):
   ids, mask = _left_padded_batch()
   out = generate_ar(model, params, ids, jax.random.key(0), max_new_tokens=8, attention_mask=mask)
   seq, m = jnp.asarray(ids), jnp.asarray(mask)
+  forward = jax.jit(lambda s, m: model.apply({"params": params}, s, attention_mask=m, positions=positions_from_mask(m)))
   for _ in range(8):  # no cache: the whole sequence every step, next token = argmax at the last position
-    logits = model.apply({"params": params}, seq, attention_mask=m, positions=positions_from_mask(m))
+    logits = forward(seq, m)
     nxt = jnp.argmax(logits[:, -1], -1)
     seq, m = jnp.concatenate([seq, nxt[:, None]], 1), jnp.concatenate([m, jnp.ones_like(m[:, :1])], 1)
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(seq))

@@ -1,6 +1,7 @@
 """The controlled-experiment layer: artefact store, provenance, compile-free timing, paired statistics."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +137,29 @@ def test_timed_calls_do_not_compile():
   with sw.timed():  # a new shape compiles: the timing says so
     jax.block_until_ready(f(y))
   assert sw.timing.compiles_in_timed >= 1
+
+
+def test_an_executable_loaded_from_the_persistent_cache_counts_as_a_compile(tmp_path):
+  """With JAX's persistent compilation cache (the test suite turns it on), a program compiled
+  before is loaded rather than compiled. Loading it inside a timed region still costs time, so the
+  timing must still see it (JAX reports the load as a backend compile too)."""
+  import subprocess
+  import sys
+  script = ("import jax, jax.numpy as jnp\n"
+            "from diffrag.experiment.timing import Stopwatch\n"
+            "f = lambda x: jnp.tanh(x) * 2\n"
+            "sw, x = Stopwatch(), jnp.ones(4)\n"
+            "with sw.warmup():\n"
+            "  jax.block_until_ready(jax.jit(f)(x))\n"
+            "jax.clear_caches()  # the in-memory executables go; the next call reads the cache directory\n"
+            "with sw.timed():\n"
+            "  jax.block_until_ready(jax.jit(f)(x))\n"
+            "print('compiles_in_timed', sw.timing.compiles_in_timed >= 1)\n")
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=True)
+  assert any(tmp_path.iterdir()), "the program was not written to the cache"
+  assert "compiles_in_timed True" in out.stdout, out.stdout + out.stderr
 
 
 def test_bench_compile_seconds_are_xla_compiles_never_a_noisy_difference():

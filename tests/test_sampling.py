@@ -260,8 +260,9 @@ def test_cached_forward_equals_full_forward_when_fresh():
     cfg = preset(name)
     model, params = MaskedDiffusionTransformer(cfg), init_params(cfg, jax.random.key(0))
     ids = np.random.default_rng(0).integers(0, 300, (2, 24)).astype(np.int32)
-    full = model.apply({"params": params}, ids)
-    _, kv = model.apply({"params": params}, ids, return_cache=True)
+    apply = jax.jit(model.apply, static_argnames=("return_cache", "output_window"))
+    full = apply({"params": params}, ids)
+    _, kv = apply({"params": params}, ids, return_cache=True)
     lb = int(cfg.shift_logits)
     for lo, hi, dual in [(8, 16, True), (8, 24, False)]:
       valid = np.zeros((2, 24), bool)
@@ -269,8 +270,8 @@ def test_cached_forward_equals_full_forward_when_fresh():
       if dual:
         valid[:, hi:] = True
       win = ids[:, lo - lb:hi]
-      out = model.apply({"params": params}, win, positions=np.broadcast_to(np.arange(lo - lb, hi), win.shape),
-                        cache=KVCache(kv.k, kv.v, valid), output_window=(lb, hi - lo))
+      out = apply({"params": params}, win, positions=np.broadcast_to(np.arange(lo - lb, hi), win.shape),
+                  cache=KVCache(kv.k, kv.v, valid), output_window=(lb, hi - lo))
       np.testing.assert_allclose(out, full[:, lo:hi], atol=1e-5)
 
 

@@ -206,8 +206,8 @@ def test_loss_window_equals_full_loss_when_it_holds_every_maskable_position():
   state = step_lib.init_state(params, tx, optim, jax.random.key(1))
   apply = step_lib.model_apply_fn(model)
   kw = dict(mask_id=cfg.mask_token_id, schedule=schedules.get("linear", 1e-3))
-  full = step_lib.make_train_step(apply, tx, optim, **kw)
-  win = step_lib.make_train_step(apply, tx, optim, loss_window=(16, 8), **kw)
+  full = jax.jit(step_lib.make_train_step(apply, tx, optim, **kw))
+  win = jax.jit(step_lib.make_train_step(apply, tx, optim, loss_window=(16, 8), **kw))
   batch = {"tokens": tokens, "maskable": maskable}
   (s1, m1), (s2, m2) = full(state, batch, jax.random.key(2)), win(state, batch, jax.random.key(2))
   assert abs(float(m1["loss"]) - float(m2["loss"])) < 1e-5 and float(m1["loss"]) > 0

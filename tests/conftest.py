@@ -3,7 +3,8 @@ cache for this run only.
 
 The cache: many tests compile the same programs (a pipeline test runs its pipeline again to
 check reuse; the tiny presets recur across files). XLA's persistent cache lets a later
-compilation of an identical program load the executable instead. The directory is new for
+compilation of an identical program load the executable instead (programs that took 0.5 s or
+more to compile are kept). The directory is new for
 each `pytest` run and removed at its end, so no test sees a previous run's state; xdist workers
 and the tests' subprocesses inherit it through the environment. A JAX_COMPILATION_CACHE_DIR
 already set wins (an empty value turns the cache off)."""

@@ -154,12 +154,12 @@ def test_an_executable_loaded_from_the_persistent_cache_counts_as_a_compile(tmp_
             "jax.clear_caches()  # the in-memory executables go; the next call reads the cache directory\n"
             "with sw.timed():\n"
             "  jax.block_until_ready(jax.jit(f)(x))\n"
-            "print('compiles_in_timed', sw.timing.compiles_in_timed >= 1)\n")
+            "print(sw.timing.compiles_in_timed)\n")
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=True)
   assert any(tmp_path.iterdir()), "the program was not written to the cache"
-  assert "compiles_in_timed True" in out.stdout, out.stdout + out.stderr
+  assert int(out.stdout.split()[-1]) >= 1, out.stdout + out.stderr
 
 
 def test_bench_compile_seconds_are_xla_compiles_never_a_noisy_difference():

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
 from diffrag import config as config_lib
 from diffrag.experiment.provenance import write_manifest
 from diffrag.rag import parallel
